@@ -1,0 +1,1 @@
+"""Data layer: readers, preparation into Parquet task tables, task windows and batching."""
