@@ -1,0 +1,147 @@
+"""`melo-dist` command line: thin parsing around the library; bad input exits 2 on one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from melo_dist.errors import InputError
+
+SOURCE_CHOICES = ("movielens", "amazon", "yelp", "recbole", "csv", "parquet", "synthetic")
+
+
+def log(message: str) -> None:
+    print(f"[melo-dist] {message}", file=sys.stderr, flush=True)
+
+
+def parse_mapping(text: str | None) -> dict[str, str] | None:
+    """'user_id=uid,item_id=iid' -> {'user_id': 'uid', 'item_id': 'iid'}."""
+    if not text:
+        return None
+    pairs = [part.split("=", 1) for part in text.split(",") if part]
+    if any(len(pair) != 2 or not all(pair) for pair in pairs):
+        raise InputError(f"--columns expects name=column pairs separated by commas, got {text!r}")
+    return dict(pairs)
+
+
+def parse_range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise InputError(f"--rating-range expects LOW:HIGH, got {text!r}") from None
+    if not low < high:
+        raise InputError(f"--rating-range needs LOW < HIGH, got {text!r}")
+    return low, high
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from melo_dist.data.prepare import PrepareSettings, prepare, sha256_file
+    from melo_dist.data.report import format_statistics
+
+    settings = PrepareSettings(
+        min_item_ratings=args.min_item_ratings,
+        min_user_ratings=args.min_user_ratings,
+        test_users=args.test_users,
+        valid_fraction=args.valid_fraction,
+        seed=args.seed,
+    )
+    started = time.perf_counter()
+    if args.source == "synthetic":
+        from melo_dist.data.synthetic import SyntheticSpec, generate_ratings
+
+        spec = SyntheticSpec(
+            users=args.synthetic_users, items=args.synthetic_items, seed=args.synthetic_seed
+        )
+        log(f"generating synthetic ratings ({spec.users:,} users, {spec.items:,} items)")
+        ratings = generate_ratings(spec)
+        source = {"family": "synthetic", "format": "synthetic", "spec": vars(spec)}
+    else:
+        from melo_dist.data.readers import read_ratings
+
+        if args.path is None:
+            raise InputError(f"--source {args.source} needs --path FILE")
+        log(f"reading {args.path}")
+        ratings, fmt = read_ratings(
+            args.path,
+            args.source,
+            args.format,
+            parse_mapping(args.columns),
+            parse_range(args.rating_range),
+        )
+        path = Path(args.path)
+        source = {
+            "family": args.source,
+            "format": fmt,
+            "path": str(path),
+            "sha256": sha256_file(path),
+        }
+    manifest = prepare(ratings, args.out, settings, source, overwrite=args.overwrite, progress=log)
+    print(format_statistics(manifest))
+    log(f"prepared {args.out} in {time.perf_counter() - started:.1f} s")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from melo_dist.data.prepare import load_manifest
+    from melo_dist.data.report import format_statistics
+
+    manifest = load_manifest(args.data)
+    print(json.dumps(manifest, indent=2) if args.json else format_statistics(manifest))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from melo_dist.bench import run_benchmark
+
+    run_benchmark(args.name, args.options)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="melo-dist", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prep = commands.add_parser("prepare", help="rating file -> Parquet task tables + manifest")
+    prep.add_argument("--source", required=True, choices=SOURCE_CHOICES)
+    prep.add_argument("--path", help="rating file (not for --source synthetic)")
+    prep.add_argument("--format", help="exact format inside the family (default: detected)")
+    prep.add_argument("--columns", help="csv/parquet column mapping, e.g. user_id=uid,rating=stars")
+    prep.add_argument("--rating-range", default="0.5:5", help="valid ratings LOW:HIGH (inclusive)")
+    prep.add_argument("--out", required=True, help="output folder (written atomically)")
+    prep.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    prep.add_argument("--min-item-ratings", type=int, default=50)
+    prep.add_argument("--min-user-ratings", type=int, default=5)
+    prep.add_argument(
+        "--test-users", type=float, default=1000, help="test users: a count, or a fraction below 1"
+    )
+    prep.add_argument("--valid-fraction", type=float, default=0.15)
+    prep.add_argument("--seed", type=int, default=0, help="seed of the user split")
+    prep.add_argument("--synthetic-users", type=int, default=2000)
+    prep.add_argument("--synthetic-items", type=int, default=600)
+    prep.add_argument("--synthetic-seed", type=int, default=0)
+    prep.set_defaults(run=cmd_prepare)
+
+    inspect = commands.add_parser("inspect", help="print a prepared dataset's manifest")
+    inspect.add_argument("data", help="prepared dataset folder")
+    inspect.add_argument("--json", action="store_true", help="the raw manifest")
+    inspect.set_defaults(run=cmd_inspect)
+
+    bench = commands.add_parser("bench", help="run a benchmark: a table, then one JSON line")
+    bench.add_argument("name")
+    bench.add_argument("options", nargs=argparse.REMAINDER, help="options of the benchmark")
+    bench.set_defaults(run=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except InputError as error:
+        print(f"melo-dist: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

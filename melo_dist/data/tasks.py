@@ -1,0 +1,217 @@
+"""Task sampling: cut support and query windows from users' sequences and collate a meta-batch.
+
+Per user (DESIGN §2), with window length L (30):
+- window: the user's last L interactions when evaluating, a random L-window when training;
+  n = its length.
+- query: up to `query` suffixes of the window, of distinct lengths in 2..n, all ending at the
+  window's last interaction (the target).
+- support: up to `support` distinct contiguous sub-windows (length >= 2) of the window's first
+  n - 1 interactions, so no support window ever contains the query target.
+Every window is left-padded to L (item 0, rating 0, mask False).
+
+Everything is vectorised over the batch: each user gets one row of uniform numbers, from the
+training generator or, for evaluation, from a counter-based hash of (seed, user id), so
+evaluation windows are fixed per user whatever the batch composition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, fields
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from melo_dist.errors import InputError
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    length: int = 30  # L: longest window; every window is left-padded to it
+    support: int = 25  # most support sub-windows per task
+    query: int = 3  # most query suffixes per task
+
+    def __post_init__(self) -> None:
+        if self.length < 3 or self.support < 1 or self.query < 1:
+            raise InputError(f"window spec needs length >= 3, support >= 1, query >= 1: {self}")
+
+
+@dataclass
+class TaskRows:
+    """Users of one split in flat form: user u owns items[offsets[u]:offsets[u + 1]]."""
+
+    user_id: np.ndarray  # object array of str
+    items: np.ndarray  # int64, flat, time order within each user
+    ratings: np.ndarray  # float32, flat
+    offsets: np.ndarray  # int64 [U + 1]
+
+    @classmethod
+    def from_arrow(cls, table: pa.Table) -> TaskRows:
+        missing = {"user_id", "item_id", "rating"} - set(table.column_names)
+        if missing:
+            raise InputError(f"task table lacks columns {sorted(missing)}")
+        items = table.column("item_id").combine_chunks()
+        ratings = table.column("rating").combine_chunks()
+        offsets = items.offsets.to_numpy().astype(np.int64)
+        return cls(
+            user_id=table.column("user_id").to_numpy(zero_copy_only=False),
+            items=items.flatten().to_numpy().astype(np.int64),
+            ratings=ratings.flatten().to_numpy().astype(np.float32),
+            offsets=offsets - offsets[0],
+        )
+
+    @classmethod
+    def from_parquet(cls, path: str) -> TaskRows:
+        try:
+            table = pq.read_table(path, columns=["user_id", "item_id", "rating"])
+        except (OSError, pa.ArrowInvalid) as error:
+            raise InputError(f"cannot read task table: {error}", path=path) from None
+        return cls.from_arrow(table)
+
+    @classmethod
+    def from_lists(cls, user_id, items, ratings) -> TaskRows:
+        """From per-user sequences (e.g. a Ray Data batch of list columns)."""
+        lengths = np.fromiter((len(seq) for seq in items), dtype=np.int64, count=len(items))
+        return cls(
+            user_id=np.asarray(user_id, dtype=object),
+            items=np.concatenate([np.asarray(s, dtype=np.int64) for s in items]),
+            ratings=np.concatenate([np.asarray(s, dtype=np.float32) for s in ratings]),
+            offsets=np.r_[0, np.cumsum(lengths)],
+        )
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def take(self, users: np.ndarray) -> TaskRows:
+        """The rows of `users` (indices), as a new TaskRows."""
+        starts, lengths = self.offsets[users], self.lengths[users]
+        offsets = np.r_[0, np.cumsum(lengths)]
+        flat = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        return TaskRows(self.user_id[users], self.items[flat], self.ratings[flat], offsets)
+
+
+@dataclass
+class TaskBatch:
+    """A collated meta-batch: B tasks, S support and Q query windows of length L."""
+
+    support_items: torch.Tensor  # [B, S, L] int64, 0 = padding
+    support_ratings: torch.Tensor  # [B, S, L] float32, 0 at padding
+    support_mask: torch.Tensor  # [B, S, L] bool, True at real interactions
+    query_items: torch.Tensor  # [B, Q, L]
+    query_ratings: torch.Tensor  # [B, Q, L]
+    query_mask: torch.Tensor  # [B, Q, L]
+
+    def to(self, device: torch.device | str) -> TaskBatch:
+        return TaskBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def __len__(self) -> int:
+        return self.support_items.shape[0]
+
+
+def user_keys(user_id: np.ndarray) -> np.ndarray:
+    """A stable 64-bit key per user id (independent of table order and Python's hash seed)."""
+    return np.array(
+        [
+            int.from_bytes(hashlib.blake2b(str(u).encode(), digest_size=8).digest(), "little")
+            for u in user_id
+        ],
+        dtype=np.uint64,
+    )
+
+
+def hashed_uniforms(keys: np.ndarray, seed: int, count: int) -> np.ndarray:
+    """[len(keys), count] uniforms in [0, 1) from splitmix64 of (seed, key, slot)."""
+    with np.errstate(over="ignore"):
+        x = keys[:, None] * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed & (2**64 - 1))
+        x = x + np.arange(1, count + 1, dtype=np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(2**53)
+
+
+def support_pairs(length: int) -> tuple[np.ndarray, np.ndarray]:
+    """All (start, end) index pairs, end > start, within the first length - 1 positions."""
+    start, end = np.triu_indices(length - 1, k=1)
+    return start, end
+
+
+def sample_tasks(
+    rows: TaskRows,
+    spec: WindowSpec = WindowSpec(),
+    *,
+    rng: np.random.Generator | None = None,
+    eval_seed: int | None = None,
+) -> TaskBatch:
+    """Cut and collate one meta-batch: random windows from `rng`, or fixed ones from `eval_seed`."""
+    if (rng is None) == (eval_seed is None):
+        raise ValueError("pass exactly one of rng (training) or eval_seed (evaluation)")
+    L = spec.length
+    pair_start, pair_end = support_pairs(L)
+    n_draws = 1 + (L - 1) + len(pair_start)
+    lengths = rows.lengths
+    if lengths.min(initial=2) < 2:
+        raise InputError("every task needs at least 2 interactions (one support, one target)")
+    uniforms = (
+        rng.random((len(rows), n_draws))
+        if rng is not None
+        else hashed_uniforms(user_keys(rows.user_id), eval_seed, n_draws)
+    )
+    n = np.minimum(lengths, L)
+    slack = lengths - n
+    start = (
+        np.minimum((uniforms[:, 0] * (slack + 1)).astype(np.int64), slack)
+        if rng is not None
+        else slack
+    )
+    window_start = rows.offsets[:-1] + start  # flat index of each window's first interaction
+
+    # Query: the `query` smallest keys among the valid suffix lengths 2..n.
+    query_keys = np.where(np.arange(2, L + 1) <= n[:, None], uniforms[:, 1:L], np.inf)
+    chosen = np.argsort(query_keys, axis=1)[:, : spec.query]
+    query_ok = np.take_along_axis(query_keys, chosen, axis=1) < np.inf
+    query_len = chosen + 2
+    query_end = np.broadcast_to(n[:, None] - 1, query_len.shape)
+
+    # Support: the `support` smallest keys among pairs inside the first n - 1 positions.
+    support_keys = np.where(pair_end <= n[:, None] - 2, uniforms[:, L:], np.inf)
+    k = min(spec.support, len(pair_start))
+    chosen = np.argpartition(support_keys, k - 1, axis=1)[:, :k]
+    chosen = np.take_along_axis(
+        chosen, np.argsort(np.take_along_axis(support_keys, chosen, axis=1), axis=1), axis=1
+    )
+    support_ok = np.take_along_axis(support_keys, chosen, axis=1) < np.inf
+    support_len = pair_end[chosen] - pair_start[chosen] + 1
+    support_end = pair_end[chosen]
+
+    s_items, s_ratings, s_mask = gather_windows(
+        rows, window_start, support_end, support_len, support_ok, L
+    )
+    q_items, q_ratings, q_mask = gather_windows(
+        rows, window_start, query_end, query_len, query_ok, L
+    )
+    return TaskBatch(s_items, s_ratings, s_mask, q_items, q_ratings, q_mask)
+
+
+def gather_windows(
+    rows: TaskRows,
+    window_start: np.ndarray,  # [B]
+    end: np.ndarray,  # [B, W] window-relative index of each sub-window's last interaction
+    length: np.ndarray,  # [B, W]
+    valid: np.ndarray,  # [B, W]
+    L: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded [B, W, L] items, ratings and mask of the sub-windows."""
+    position = np.arange(L)
+    mask = (position >= L - length[..., None]) & valid[..., None]
+    flat = window_start[:, None, None] + end[..., None] - (L - 1) + position
+    flat = np.where(mask, flat, 0)
+    items = np.where(mask, rows.items[flat], 0)
+    ratings = np.where(mask, rows.ratings[flat], np.float32(0))
+    return torch.from_numpy(items), torch.from_numpy(ratings), torch.from_numpy(mask)

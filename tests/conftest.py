@@ -1,0 +1,29 @@
+"""Shared fixtures: the real data folder and one small prepared synthetic dataset per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from melo_dist.data.prepare import PrepareSettings, prepare
+from melo_dist.data.synthetic import SyntheticSpec, generate_ratings
+from melo_dist.paths import shared_data_dir
+
+
+def shared_file(relative: str) -> Path:
+    """A file under ../shared/data (or $MELO_DATA_DIR); skip the test, saying why, if absent."""
+    path = shared_data_dir() / relative
+    if not path.exists():
+        pytest.skip(f"real data file {path} is absent (set MELO_DATA_DIR to the data folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared synthetic dataset (600 users) shared by the whole session; treat as read-only."""
+    out = tmp_path_factory.mktemp("synthetic") / "data"
+    ratings = generate_ratings(SyntheticSpec(users=600, items=300, seed=1))
+    settings = PrepareSettings(min_item_ratings=20, test_users=120, seed=0)
+    prepare(ratings, out, settings, {"family": "synthetic", "format": "synthetic"})
+    return out

@@ -1,0 +1,116 @@
+"""Task windows: the DESIGN §2 invariants, checked on sequences whose items are their positions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from melo_dist.data.tasks import TaskRows, WindowSpec, sample_tasks
+
+
+def positional_rows(lengths: list[int]) -> TaskRows:
+    """Users whose item ids are their flat positions + 1: every window maps back to indices."""
+    offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+    flat = np.arange(offsets[-1], dtype=np.int64)
+    return TaskRows(
+        user_id=np.array([f"user{i}" for i in range(len(lengths))], dtype=object),
+        items=flat + 1,
+        ratings=(flat % 5 + 1).astype(np.float32),
+        offsets=offsets,
+    )
+
+
+LENGTHS = [2, 3, 4, 5, 6, 7, 12, 29, 30, 31, 45, 200]
+
+
+def windows(items: torch.Tensor, mask: torch.Tensor) -> list[list[np.ndarray]]:
+    """Per task, the flat indices of each non-empty window."""
+    return [
+        [row[m].numpy() - 1 for row, m in zip(task, task_mask) if m.any()]
+        for task, task_mask in zip(items, mask)
+    ]
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_window_invariants(mode):
+    rows = positional_rows(LENGTHS)
+    spec = WindowSpec()
+    for draw in range(20):
+        batch = (
+            sample_tasks(rows, spec, rng=np.random.default_rng(draw))
+            if mode == "train"
+            else sample_tasks(rows, spec, eval_seed=draw)
+        )
+        assert batch.support_items.shape == (len(LENGTHS), 25, 30)
+        assert batch.query_items.shape == (len(LENGTHS), 3, 30)
+        supports = windows(batch.support_items, batch.support_mask)
+        queries = windows(batch.query_items, batch.query_mask)
+        for user, (length, support, query) in enumerate(zip(LENGTHS, supports, queries)):
+            first, stop = rows.offsets[user], rows.offsets[user + 1]
+            n = min(length, 30)
+            target = query[0][-1]
+            if mode == "eval":
+                assert target == stop - 1  # evaluation: the user's last interaction
+            window_start = target - n + 1
+            assert first <= window_start and target < stop
+            assert len(query) == min(3, n - 1)
+            assert len({len(q) for q in query}) == len(query)  # distinct suffix lengths
+            for q in query:
+                assert q[-1] == target and 2 <= len(q) <= n
+                assert np.array_equal(q, np.arange(q[0], q[0] + len(q)))
+            assert len(support) == min(25, (n - 1) * (n - 2) // 2)
+            assert len({(s[0], len(s)) for s in support}) == len(support)  # distinct
+            for s in support:
+                assert np.array_equal(s, np.arange(s[0], s[0] + len(s)))  # contiguous
+                assert 2 <= len(s) <= n - 1
+                assert s[0] >= window_start and s[-1] < target  # never the query target
+        # Padding is on the left, with zero items and ratings.
+        for items, ratings, mask in [
+            (batch.support_items, batch.support_ratings, batch.support_mask),
+            (batch.query_items, batch.query_ratings, batch.query_mask),
+        ]:
+            assert torch.all(items[~mask] == 0) and torch.all(ratings[~mask] == 0)
+            assert torch.all(items[mask] > 0)
+            assert torch.all(mask[..., 1:] >= mask[..., :-1])  # once real, stays real
+            assert torch.equal(ratings[mask], (items[mask] - 1) % 5 + 1.0)
+
+
+def test_training_windows_are_random_and_reproducible():
+    rows = positional_rows(LENGTHS)
+    one = sample_tasks(rows, rng=np.random.default_rng(0))
+    again = sample_tasks(rows, rng=np.random.default_rng(0))
+    other = sample_tasks(rows, rng=np.random.default_rng(1))
+    assert torch.equal(one.support_items, again.support_items)
+    assert not torch.equal(one.support_items, other.support_items)
+    # Long users get windows from anywhere in their history, not only the end.
+    targets = {
+        int(sample_tasks(rows, rng=np.random.default_rng(s)).query_items[-1, 0, -1])
+        for s in range(30)
+    }
+    assert len(targets) > 10
+
+
+def test_evaluation_windows_do_not_depend_on_the_batch():
+    rows = positional_rows(LENGTHS)
+    full = sample_tasks(rows, eval_seed=7)
+    subset = [9, 3, 11]
+    part = sample_tasks(rows.take(np.array(subset)), eval_seed=7)
+    for i, user in enumerate(subset):  # take() keeps item values, so windows compare directly
+        assert torch.equal(part.support_items[i], full.support_items[user])
+        assert torch.equal(part.query_items[i], full.query_items[user])
+    assert not torch.equal(sample_tasks(rows, eval_seed=8).support_items, full.support_items)
+
+
+def test_rows_from_lists_and_parquet_agree(synthetic_dir):
+    rows = TaskRows.from_parquet(str(synthetic_dir / "tasks-train.parquet"))
+    again = TaskRows.from_lists(
+        rows.user_id,
+        [rows.items[a:b] for a, b in zip(rows.offsets, rows.offsets[1:])],
+        [rows.ratings[a:b] for a, b in zip(rows.offsets, rows.offsets[1:])],
+    )
+    for name in ("items", "ratings", "offsets"):
+        assert np.array_equal(getattr(rows, name), getattr(again, name))
+    batch = sample_tasks(rows.take(np.arange(16)), eval_seed=0)
+    assert batch.support_items.dtype == torch.int64 and batch.support_ratings.dtype == torch.float32
+    assert len(batch) == 16
