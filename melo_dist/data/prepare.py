@@ -115,12 +115,12 @@ def filter_and_order(ratings: pd.DataFrame, settings: PrepareSettings) -> tuple[
 def split_users(n_users: int, settings: PrepareSettings) -> dict[str, np.ndarray]:
     """Seeded, disjoint user split: test draw first, then valid from the rest."""
     n_test = (
-        int(round(settings.test_users * n_users))
+        round(settings.test_users * n_users)
         if settings.test_users < 1
         else int(settings.test_users)
     )
     n_rest = n_users - n_test
-    n_valid = int(round(settings.valid_fraction * n_rest))
+    n_valid = round(settings.valid_fraction * n_rest)
     if n_test < 1 or n_rest - n_valid < 1:
         raise InputError(
             f"test_users={settings.test_users} leaves no training users among {n_users} users "
