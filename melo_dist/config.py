@@ -1,0 +1,201 @@
+"""One typed, validated configuration (data, model, meta, optim, run), YAML + `key=value` overrides.
+
+Defaults are the MELO reference's (DESIGN §2). Plain dataclasses: picklable for Ray, printable,
+and a bad value is an error naming its key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from melo_dist.errors import InputError
+
+BACKBONES = ("gru4rec", "narm", "sasrec", "bert4rec")
+REGIMES = ("basic", "maml", "melo", "focal", "class_balanced", "stats_mlp")
+ADAPT = ("all", "no_embeddings", "head")
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/synthetic"  # a folder written by `melo-dist prepare`
+    window: int = 30  # longest window L
+    support: int = 25  # most support sub-windows per task
+    query: int = 3  # most query suffixes per task
+    valid_users: int = 500  # fixed validation users (first N of tasks-valid), 0 = all
+    eval_seed: int = 0  # seeds the fixed evaluation windows
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "sasrec"  # gru4rec | narm | sasrec | bert4rec
+    dim: int = 32  # embedding and hidden size
+    dropout: float = 0.1
+    gru_layers: int = 2  # GRU4Rec depth
+    blocks: int = 2  # SASRec / BERT4Rec
+    heads: int = 4
+    ffn: int = 128
+    max_length: int = 30  # learned positions; must cover data.window
+    encoder_embed: int = 16  # task-state encoder: rating embedding size
+    encoder_hidden: int = 32  # task-state encoder: LSTM size (also the stats net's MLP)
+    encoder_output: str = "abs"  # abs | softmax
+
+
+@dataclass
+class MetaConfig:
+    regime: str = "melo"  # basic | maml | melo | focal | class_balanced | stats_mlp
+    inner_steps: int = 3
+    first_order: bool = False  # second order by default, as the reference
+    inner_lr: float = 1e-3  # LSLR initial value (per parameter, per step, learned)
+    adapt: str = "all"  # all | no_embeddings | head
+    tasks_per_batch: int = 16  # the meta-batch (global, across workers)
+    multi_step_iterations: int = 1000  # MAML++ multi-step loss for the first N iterations
+
+
+@dataclass
+class OptimConfig:
+    iterations: int = 2000
+    lr: float = 1e-3  # recommender Adam, cosine-decayed to lr_min
+    lr_min: float = 1e-4
+    clip: float = 5.0  # grad-norm clip on the recommender
+    encoder_lr: float = 0.1  # weight-net Adam, cosine-decayed to encoder_lr_min
+    encoder_lr_min: float = 0.01
+    lslr_lr: float = 1e-3  # inner learning rates' Adam
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/default"  # checkpoints and metrics
+    seed: int = 0
+    validate_every: int = 50
+    log_every: int = 10
+    threads: int = 0  # torch threads, 0 = leave as is
+    init_from: str = ""  # a `basic` checkpoint whose embeddings initialise this run
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> Config:
+        checks = [
+            ("model.backbone", self.model.backbone in BACKBONES, f"one of {BACKBONES}"),
+            ("meta.regime", self.meta.regime in REGIMES, f"one of {REGIMES}"),
+            ("meta.adapt", self.meta.adapt in ADAPT, f"one of {ADAPT}"),
+            (
+                "model.encoder_output",
+                self.model.encoder_output in ("abs", "softmax"),
+                "abs or softmax",
+            ),
+            (
+                "model.dim",
+                self.model.dim > 0 and self.model.dim % self.model.heads == 0,
+                "positive and divisible by model.heads",
+            ),
+            ("model.dropout", 0 <= self.model.dropout < 1, "in [0, 1)"),
+            ("model.max_length", self.model.max_length >= self.data.window, ">= data.window"),
+            ("data.window", self.data.window >= 3, ">= 3"),
+            ("meta.inner_steps", self.meta.inner_steps >= 1, ">= 1"),
+            ("meta.tasks_per_batch", self.meta.tasks_per_batch >= 1, ">= 1"),
+            ("optim.iterations", self.optim.iterations >= 1, ">= 1"),
+            ("optim.lr", self.optim.lr > 0, "> 0"),
+            ("run.validate_every", self.run.validate_every >= 1, ">= 1"),
+        ]
+        for key, ok, expected in checks:
+            if not ok:
+                raise InputError(f"config key {key} must be {expected}, got {self.get(key)!r}")
+        return self
+
+    def get(self, key: str) -> Any:
+        section, name = key.split(".", 1)
+        return getattr(getattr(self, section), name)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config") -> Config:
+        if not isinstance(raw, dict):
+            raise InputError(f"{source} must be a mapping of sections")
+        sections = {}
+        for section, section_type in get_type_hints(cls).items():
+            values = raw.get(section) or {}
+            if not isinstance(values, dict):
+                raise InputError(f"{source}: section {section!r} must be a mapping")
+            sections[section] = build_section(section_type, values, f"{source}: {section}")
+        unknown = set(raw) - set(sections)
+        if unknown:
+            raise InputError(
+                f"{source}: unknown section(s) {sorted(unknown)}; expected {sorted(sections)}"
+            )
+        return cls(**sections).validate()
+
+
+def build_section(section_type: type, values: dict, where: str) -> Any:
+    hints = get_type_hints(section_type)
+    unknown = set(values) - set(hints)
+    if unknown:
+        raise InputError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(hints)}")
+    return section_type(**{k: coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()})
+
+
+def coerce(value: Any, kind: type, key: str) -> Any:
+    """Check (and gently convert) one value to its declared type, naming the key on failure."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lstrip("-").isdigit():
+            return int(value)
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        return "" if value is None else str(value)
+    raise InputError(f"config key {key} expects {kind.__name__}, got {value!r}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file, then `section.key=value` overrides (YAML-parsed values)."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError("config file not found", path=path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            raise InputError(
+                f"invalid YAML: {getattr(error, 'problem', error)}",
+                path=path,
+                line=mark.line + 1 if mark else None,
+            ) from None
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or key.count(".") != 1:
+            raise InputError(f"override {item!r} must look like section.key=value")
+        section, name = key.split(".")
+        value = yaml.safe_load(text) if text else ""
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise InputError(f"override {item!r}: section {section!r} is not a mapping")
+        raw[section][name] = value
+    return Config.from_dict(raw, source=str(path) if path else "config")

@@ -1,0 +1,31 @@
+"""Backbones (item sequence -> per-position rating) and inner-loss weight networks."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from melo_dist.config import ModelConfig
+from melo_dist.models.encoder import StatsWeightNet, TaskStateEncoder
+from melo_dist.models.gru4rec import GRU4Rec
+from melo_dist.models.narm import NARM
+from melo_dist.models.transformer import BERT4Rec, SASRec
+
+BACKBONE_CLASSES = {"gru4rec": GRU4Rec, "narm": NARM, "sasrec": SASRec, "bert4rec": BERT4Rec}
+
+# Parameters that hold embeddings: excluded when only the rest adapts (meta.adapt).
+EMBEDDING_PREFIXES = ("item_embedding.", "position_embedding.")
+
+
+def build_backbone(config: ModelConfig, num_items: int) -> nn.Module:
+    return BACKBONE_CLASSES[config.backbone](config, num_items)
+
+
+def build_weight_net(config: ModelConfig, regime: str, levels: list[float]) -> nn.Module | None:
+    """The learned per-position weight net of a regime, if it has one."""
+    if regime == "melo":
+        return TaskStateEncoder(
+            levels, config.encoder_embed, config.encoder_hidden, config.encoder_output
+        )
+    if regime == "stats_mlp":
+        return StatsWeightNet(levels, config.encoder_hidden)
+    return None

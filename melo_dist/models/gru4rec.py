@@ -1,0 +1,27 @@
+"""GRU4Rec (Hidasi et al., ICLR 2016) as a per-position rating regressor.
+
+Item embedding -> dropout -> 2-layer GRU with learnable initial state -> linear -> rating.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from melo_dist.config import ModelConfig
+from melo_dist.models.layers import GRU, embed_items, rating_output
+
+
+class GRU4Rec(nn.Module):
+    def __init__(self, config: ModelConfig, num_items: int) -> None:
+        super().__init__()
+        self.dropout = config.dropout
+        self.item_embedding = nn.Embedding(num_items + 1, config.dim, padding_idx=0)
+        self.gru = GRU(config.dim, config.dim, num_layers=config.gru_layers)
+        self.head = nn.Linear(config.dim, 1)
+
+    def forward(self, item_seq: torch.Tensor) -> torch.Tensor:
+        """[..., L] item ids (0 = padding) -> [..., L] predicted rating / 5."""
+        x = F.dropout(embed_items(self.item_embedding, item_seq), self.dropout, self.training)
+        return rating_output(self.head(self.gru(x)).squeeze(-1))

@@ -1,0 +1,120 @@
+"""Shared building blocks, written as plain tensor code so they work under torch.func.
+
+`nn.GRU`/`nn.LSTM` have no vmap rule and cuDNN RNNs no double backward, so the recurrent cells
+are written out here. The time axis is split once with `unbind`: indexing `x[..., t, :]` per
+step writes a full-size zero tensor per step in the backward pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rating_output(x: torch.Tensor) -> torch.Tensor:
+    """The reference's output range: 0.1 + sigmoid, compared with rating / 5."""
+    return 0.1 + torch.sigmoid(x)
+
+
+def embed_items(embedding: nn.Embedding, item_seq: torch.Tensor) -> torch.Tensor:
+    """Item embeddings with padding (id 0) forced to zero.
+
+    `padding_idx` alone is not enough: under `vmap` with per-task tables the embedding
+    backward does not mask the padding row, so it would drift during adaptation (and a GRU
+    reads the left padding). Multiplying by the mask keeps it exactly zero in every mode.
+    """
+    return embedding(item_seq) * (item_seq > 0).unsqueeze(-1)
+
+
+class GRU(nn.Module):
+    """A stacked GRU over [..., L, D] with a learnable initial state per layer."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1) -> None:
+        super().__init__()
+        sizes = [input_size] + [hidden_size] * (num_layers - 1)
+        self.input_proj = nn.ModuleList(nn.Linear(size, 3 * hidden_size) for size in sizes)
+        self.hidden_proj = nn.ModuleList(
+            nn.Linear(hidden_size, 3 * hidden_size) for _ in range(num_layers)
+        )
+        self.h0 = nn.Parameter(torch.zeros(num_layers, hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer, (input_proj, hidden_proj) in enumerate(zip(self.input_proj, self.hidden_proj)):
+            gates_x = input_proj(x).unbind(-2)  # all input projections at once
+            h = self.h0[layer].expand(*x.shape[:-2], -1)
+            outputs = []
+            for gx in gates_x:
+                r_x, z_x, n_x = gx.chunk(3, dim=-1)
+                r_h, z_h, n_h = hidden_proj(h).chunk(3, dim=-1)
+                r = torch.sigmoid(r_x + r_h)
+                z = torch.sigmoid(z_x + z_h)
+                n = torch.tanh(n_x + r * n_h)
+                h = (1 - z) * n + z * h
+                outputs.append(h)
+            x = torch.stack(outputs, dim=-2)
+        return x
+
+
+class LSTM(nn.Module):
+    """A one-layer LSTM over [..., L, D] with learnable initial hidden and cell states."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.input_proj = nn.Linear(input_size, 4 * hidden_size)
+        self.hidden_proj = nn.Linear(hidden_size, 4 * hidden_size, bias=False)
+        self.h0 = nn.Parameter(torch.zeros(hidden_size))
+        self.c0 = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.h0.expand(*x.shape[:-2], -1)
+        c = self.c0.expand(*x.shape[:-2], -1)
+        outputs = []
+        for gx in self.input_proj(x).unbind(-2):
+            i, f, g, o = (gx + self.hidden_proj(h)).chunk(4, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outputs.append(h)
+        return torch.stack(outputs, dim=-2)
+
+
+def attention_mask(item_seq: torch.Tensor, causal: bool) -> torch.Tensor:
+    """[..., L, L] bool, True where a query position may attend to a key position.
+
+    Padding keys are hidden; every position may always see itself, so an all-padding row
+    (left padding) still has one key and softmax never produces NaN.
+    """
+    length = item_seq.shape[-1]
+    allowed = (item_seq > 0).unsqueeze(-2).expand(*item_seq.shape[:-1], length, length)
+    if causal:
+        allowed = allowed & torch.ones(length, length, dtype=torch.bool).tril()
+    return allowed | torch.eye(length, dtype=torch.bool)
+
+
+class TransformerBlock(nn.Module):
+    """Post-norm self-attention + feed-forward block (as in SASRec/BERT4Rec in RecBole)."""
+
+    def __init__(self, dim: int, heads: int, ffn: int, dropout: float) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.ffn_in = nn.Linear(dim, ffn)
+        self.ffn_out = nn.Linear(ffn, dim)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        *batch, length, dim = x.shape
+        q, k, v = self.qkv(x).view(*batch, length, 3, self.heads, dim // self.heads).unbind(-3)
+        q, k, v = (t.transpose(-2, -3) for t in (q, k, v))  # [..., H, L, d]
+        scores = q @ k.transpose(-1, -2) / math.sqrt(dim // self.heads)
+        scores = scores.masked_fill(~mask.unsqueeze(-3), float("-inf"))
+        attended = (scores.softmax(-1) @ v).transpose(-2, -3).reshape(*batch, length, dim)
+        x = self.norm1(x + F.dropout(self.out(attended), self.dropout, self.training))
+        hidden = F.dropout(F.gelu(self.ffn_in(x)), self.dropout, self.training)
+        return self.norm2(x + F.dropout(self.ffn_out(hidden), self.dropout, self.training))

@@ -1,0 +1,40 @@
+"""NARM (Li et al., CIKM 2017) as a per-position rating regressor.
+
+A 1-layer GRU encodes the sequence; at every position t an attention over the states h_1..h_t
+(scored against h_t) gives the local context, which is concatenated with h_t (the global
+context) and mapped to a rating.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from melo_dist.config import ModelConfig
+from melo_dist.models.layers import GRU, attention_mask, embed_items, rating_output
+
+
+class NARM(nn.Module):
+    def __init__(self, config: ModelConfig, num_items: int) -> None:
+        super().__init__()
+        self.dropout = config.dropout
+        self.item_embedding = nn.Embedding(num_items + 1, config.dim, padding_idx=0)
+        self.gru = GRU(config.dim, config.dim, num_layers=1)
+        self.key_proj = nn.Linear(config.dim, config.dim, bias=False)
+        self.query_proj = nn.Linear(config.dim, config.dim, bias=False)
+        self.score = nn.Linear(config.dim, 1, bias=False)
+        self.head = nn.Linear(2 * config.dim, 1)
+
+    def forward(self, item_seq: torch.Tensor) -> torch.Tensor:
+        """[..., L] item ids (0 = padding) -> [..., L] predicted rating / 5."""
+        x = F.dropout(embed_items(self.item_embedding, item_seq), self.dropout, self.training)
+        states = self.gru(x)  # [..., L, D]
+        # scores[..., t, j] = v . sigmoid(A1 h_t + A2 h_j), over real positions j <= t.
+        mixed = self.query_proj(states).unsqueeze(-2) + self.key_proj(states).unsqueeze(-3)
+        scores = self.score(torch.sigmoid(mixed)).squeeze(-1)  # [..., L, L]
+        mask = attention_mask(item_seq, causal=True)
+        weights = scores.masked_fill(~mask, 0.0)  # NARM's attention is not normalised
+        local = weights @ states
+        features = F.dropout(torch.cat([local, states], dim=-1), self.dropout, self.training)
+        return rating_output(self.head(features).squeeze(-1))

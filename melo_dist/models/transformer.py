@@ -1,0 +1,49 @@
+"""SASRec (Kang & McAuley, ICDM 2018) and BERT4Rec (Sun et al., CIKM 2019) rating regressors.
+
+Item + learned position embeddings -> blocks of self-attention -> linear -> rating. The two
+differ only in the attention: SASRec is causal (position t sees 1..t), BERT4Rec is
+bidirectional (every real position sees the whole window).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from melo_dist.config import ModelConfig
+from melo_dist.models.layers import TransformerBlock, attention_mask, embed_items, rating_output
+
+
+class SelfAttentiveRegressor(nn.Module):
+    causal: bool
+
+    def __init__(self, config: ModelConfig, num_items: int) -> None:
+        super().__init__()
+        self.dropout = config.dropout
+        self.item_embedding = nn.Embedding(num_items + 1, config.dim, padding_idx=0)
+        self.position_embedding = nn.Embedding(config.max_length, config.dim)
+        self.input_norm = nn.LayerNorm(config.dim)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(config.dim, config.heads, config.ffn, config.dropout)
+            for _ in range(config.blocks)
+        )
+        self.head = nn.Linear(config.dim, 1)
+
+    def forward(self, item_seq: torch.Tensor) -> torch.Tensor:
+        """[..., L] item ids (0 = padding) -> [..., L] predicted rating / 5."""
+        length = item_seq.shape[-1]
+        x = embed_items(self.item_embedding, item_seq) + self.position_embedding.weight[-length:]
+        x = F.dropout(self.input_norm(x), self.dropout, self.training)
+        mask = attention_mask(item_seq, causal=self.causal)
+        for block in self.blocks:
+            x = block(x, mask)
+        return rating_output(self.head(x).squeeze(-1))
+
+
+class SASRec(SelfAttentiveRegressor):
+    causal = True
+
+
+class BERT4Rec(SelfAttentiveRegressor):
+    causal = False
