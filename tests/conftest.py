@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,13 @@ def shared_file(relative: str) -> Path:
     path = shared_data_dir() / relative
     if not path.exists():
         pytest.skip(f"real data file {path} is absent (set MELO_DATA_DIR to the data folder)")
+    return path
+
+
+def write(path: Path, content: str | bytes) -> Path:
+    """Write a test input file; a name ending in .gz is gzip-compressed."""
+    data = content.encode() if isinstance(content, str) else content
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
     return path
 
 

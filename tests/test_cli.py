@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import subprocess
 import sys
 import zipfile
 
 import pytest
+from conftest import write
 
 from melo_dist.cli import main
 
@@ -42,11 +42,6 @@ def test_prepare_synthetic_then_inspect(tmp_path, capsys):
     assert code == 0 and "balance score" in stdout
     code, stdout, _ = run_cli(capsys, "inspect", str(out), "--json")
     assert json.loads(stdout) == manifest
-
-
-def write(path, text: str | bytes):
-    path.write_bytes(text if isinstance(text, bytes) else text.encode())
-    return path
 
 
 def zipped(path, members: dict[str, str]):
@@ -158,7 +153,7 @@ BAD_INPUTS = [
     ),
     (
         "nothing survives filters",
-        lambda d: write(d / "ratings.dat.gz", gzip.compress(GOOD_LINE.encode())),
+        lambda d: write(d / "ratings.dat.gz", GOOD_LINE),
         [],
         "no ratings survive",
     ),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -15,27 +14,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import shared_file, write
 
 from melo_dist.data.readers import FORMATS, SOURCES, detect_format, read_ratings
 from melo_dist.errors import InputError
 
-DATA = Path(
-    os.environ.get("MELO_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data")
-)
 DAY = 1468281600  # 2016-07-12 00:00:00 UTC
-
-
-def real_file(relative: str) -> Path:
-    path = DATA / relative
-    if not path.is_file():
-        pytest.skip(f"real data file {path} is absent (set MELO_DATA_DIR to its folder)")
-    return path
-
-
-def write(path: Path, content: str | bytes) -> Path:
-    data = content.encode() if isinstance(content, str) else content
-    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
-    return path
 
 
 def zip_members(members: dict[str, str]) -> bytes:
@@ -79,7 +63,7 @@ def test_public_tables() -> None:
     ],
 )
 def test_real_movielens(relative: str, fmt: str, n_rows: int, n_users: int, n_items: int) -> None:
-    path = real_file(relative)
+    path = shared_file(relative)
     df, used = read_ratings(path, "movielens")  # speed: `melo-dist bench prepare`, not here
     assert used == fmt
     assert_canonical(df)
@@ -96,7 +80,7 @@ def test_real_movielens(relative: str, fmt: str, n_rows: int, n_users: int, n_it
     ],
 )
 def test_real_samples(relative: str, source: str, fmt: str, n_rows: int) -> None:
-    df, used = read_ratings(real_file(relative), source)
+    df, used = read_ratings(shared_file(relative), source)
     assert used == fmt
     assert_canonical(df)
     assert len(df) == n_rows
@@ -106,7 +90,7 @@ def test_real_samples(relative: str, source: str, fmt: str, n_rows: int) -> None
 
 
 def test_real_yelp_date_is_utc_seconds() -> None:
-    df, _ = read_ratings(real_file("samples/yelp_academic_review_head300.json"), "yelp")
+    df, _ = read_ratings(shared_file("samples/yelp_academic_review_head300.json"), "yelp")
     assert df["timestamp"].iloc[0] == 1325604498  # "2012-01-03 15:28:18"
 
 
