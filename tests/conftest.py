@@ -21,9 +21,12 @@ def shared_file(relative: str) -> Path:
 
 
 def write(path: Path, content: str | bytes) -> Path:
-    """Write a test input file; a name ending in .gz is gzip-compressed."""
-    data = content.encode() if isinstance(content, str) else content
-    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+    """Write a test input file: text into a name ending in .gz is gzip-compressed, bytes are
+    written as they are (so corrupt archives can be made too)."""
+    if isinstance(content, str):
+        data = content.encode()
+        content = gzip.compress(data) if path.name.endswith(".gz") else data
+    path.write_bytes(content)
     return path
 
 

@@ -205,6 +205,11 @@ def _read_text(path: Path, spec: _Spec, fields: tuple[str, ...]) -> tuple[pa.Tab
             raise InputError("no data rows after the header", path=path)
     else:
         names = list(_POSITIONAL)
+    try:  # up front: arrow's bad-row callback cannot report undecodable text
+        data.decode("utf-8")
+    except UnicodeDecodeError as u:
+        line = data.count(b"\n", 0, u.start) + 1
+        raise InputError("text is not valid UTF-8", path=path, line=line) from None
     bad: list[pcsv.InvalidRow] = []
 
     def on_bad_row(row: pcsv.InvalidRow) -> str:
@@ -234,11 +239,6 @@ def _read_text(path: Path, spec: _Spec, fields: tuple[str, ...]) -> tuple[pa.Tab
                 path=path,
                 line=row.number,
             ) from None
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError as u:
-            line = data.count(b"\n", 0, u.start) + 1
-            raise InputError("text is not valid UTF-8", path=path, line=line) from None
         raise InputError(f"cannot parse: {str(e).splitlines()[0]}", path=path) from None
     first = 1 + int(spec.header)  # with empty lines kept, row i is line first + i
     return table.rename_columns(list(CANONICAL)), _Where(path, range(first, first + len(table)))
