@@ -91,6 +91,26 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(json.dumps(manifest, indent=2) if args.json else format_statistics(manifest))
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from melo_dist.config import load_config
+    from melo_dist.training.loop import train_local
+
+    config = load_config(args.config, args.set or [])
+    best = train_local(config)
+    print(json.dumps({"event": "train_done", "out": config.run.out, **best}))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from melo_dist.training.report import evaluate_checkpoints, format_results
+
+    results = evaluate_checkpoints(
+        args.checkpoint, args.split, args.data, references=not args.no_references
+    )
+    print(format_results(results, args.split))
+    for name, metrics in results.items():
+        print(json.dumps({"event": "evaluation", "split": args.split, "model": name, **metrics}))
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from melo_dist.bench import run_benchmark
 
@@ -125,6 +145,30 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("data", help="prepared dataset folder")
     inspect.add_argument("--json", action="store_true", help="the raw manifest")
     inspect.set_defaults(run=cmd_inspect)
+
+    train = commands.add_parser("train", help="meta-train from a config (in-process)")
+    train.add_argument("--config", help="YAML config (defaults: the reference's)")
+    train.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value; repeatable",
+    )
+    train.set_defaults(run=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="score checkpoints on a split")
+    evaluate.add_argument(
+        "--checkpoint",
+        action="append",
+        required=True,
+        help="a checkpoint file or run folder (best.pt); repeatable",
+    )
+    evaluate.add_argument("--split", default="test", choices=("train", "valid", "test"))
+    evaluate.add_argument("--data", help="prepared dataset (default: the checkpoint's)")
+    evaluate.add_argument(
+        "--no-references", action="store_true", help="skip the four reference points"
+    )
+    evaluate.set_defaults(run=cmd_evaluate)
 
     bench = commands.add_parser("bench", help="run a benchmark: a table, then one JSON line")
     bench.add_argument("name")

@@ -8,7 +8,10 @@ import json
 from melo_dist.data.report import format_table
 from melo_dist.errors import InputError
 
-BENCHMARKS = {"prepare": "melo_dist.bench.prepare"}
+BENCHMARKS = {
+    "prepare": "melo_dist.bench.prepare",
+    "meta-step": "melo_dist.bench.meta_step",
+}
 
 
 def run_benchmark(name: str, options: list[str]) -> None:

@@ -1,0 +1,1 @@
+"""Training: optimisers, the local meta-training loop, evaluation and checkpoints."""

@@ -1,0 +1,185 @@
+"""The meta-learner: batched step == per-task oracle, weights reach the encoder, MELO -> MAML."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from oracle import oracle_meta_step
+from torch import nn
+
+from melo_dist.config import BACKBONES, Config
+from melo_dist.data.tasks import TaskBatch, TaskRows, WindowSpec, sample_tasks
+from melo_dist.meta import build_learner
+from melo_dist.meta.step import meta_step, predict_targets, step_importance
+
+LEVELS = [1.0, 2.0, 3.0, 4.0, 5.0]
+ITEMS = 40
+INNER_LOSSES = ("maml", "melo", "focal", "class_balanced", "stats_mlp")
+
+
+def small_config(backbone: str, regime: str, **meta) -> Config:
+    config = Config()
+    config.model.backbone, config.meta.regime = backbone, regime
+    config.model.dim, config.model.heads, config.model.ffn = 8, 2, 16
+    config.model.dropout, config.model.max_length, config.data.window = 0.0, 8, 8
+    config.model.encoder_embed, config.model.encoder_hidden = 4, 8
+    config.meta.inner_lr = 0.3  # large enough that adaptation visibly changes the weights
+    for key, value in meta.items():
+        setattr(config.meta, key, value)
+    return config.validate()
+
+
+def small_batch(tasks: int = 3, seed: int = 0, dtype=torch.float64) -> TaskBatch:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(4, 14, size=tasks)
+    offsets = np.r_[0, np.cumsum(lengths)]
+    rows = TaskRows(
+        np.array([f"u{i}" for i in range(tasks)], dtype=object),
+        rng.integers(1, ITEMS + 1, size=offsets[-1]),
+        rng.integers(1, 6, size=offsets[-1]).astype(np.float32),
+        offsets,
+    )
+    batch = sample_tasks(rows, WindowSpec(length=8, support=4, query=2), rng=rng)
+    return TaskBatch(
+        batch.support_items,
+        batch.support_ratings.to(dtype),
+        batch.support_mask,
+        batch.query_items,
+        batch.query_ratings.to(dtype),
+        batch.query_mask,
+    )
+
+
+def learner_for(config: Config, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_learner(config, ITEMS, LEVELS).double()
+
+
+def assert_same(grads: dict, expected: dict, rtol: float = 1e-5) -> None:
+    assert grads.keys() == expected.keys()
+    for name in grads:
+        scale = expected[name].abs().max().clamp(min=1e-12)
+        error = (grads[name] - expected[name]).abs().max() / scale
+        assert error < rtol, f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+@pytest.mark.parametrize("regime", INNER_LOSSES)
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_batched_meta_step_matches_per_task_loop(backbone, regime, first_order):
+    config = small_config(backbone, regime, inner_steps=2)
+    learner = learner_for(config)
+    batch = small_batch()
+    # iteration 3 of a 10-iteration multi-step phase: every step's query loss counts
+    loss, grads = meta_step(learner, batch, 3, 10, first_order)
+    oracle_loss, oracle_grads = oracle_meta_step(learner, batch, 3, 10, first_order)
+    assert torch.allclose(loss, oracle_loss, rtol=1e-10)
+    assert_same(grads, oracle_grads)
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if n.startswith("inner_lrs."))
+
+
+def test_adaptive_weights_reach_the_encoder_and_change_the_update():
+    batch = small_batch(tasks=4)
+    _, melo = meta_step(learner_for(small_config("sasrec", "melo")), batch, 0)
+    encoder = [g for n, g in melo.items() if n.startswith("weight_net.")]
+    assert encoder and all(torch.isfinite(g).all() for g in encoder)
+    assert sum(float(g.abs().sum()) for g in encoder) > 0
+    _, maml = meta_step(learner_for(small_config("sasrec", "maml")), batch, 0)
+    differs = [not torch.allclose(melo[n], maml[n]) for n in maml if n.startswith("backbone.")]
+    assert all(differs)
+
+
+def test_first_order_gives_the_encoder_no_gradient():
+    """Documented limitation: the weights act only through the inner updates."""
+    _, grads = meta_step(
+        learner_for(small_config("gru4rec", "melo")), small_batch(), 0, first_order=True
+    )
+    assert all(float(g.abs().sum()) == 0 for n, g in grads.items() if n.startswith("weight_net."))
+
+
+class ConstantWeights(nn.Module):
+    def forward(self, ratings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(ratings)
+
+
+@pytest.mark.parametrize("backbone", ["gru4rec", "sasrec"])
+def test_melo_with_constant_weights_is_maml(backbone):
+    batch = small_batch(tasks=4)
+    melo = learner_for(small_config(backbone, "melo"))
+    melo.weight_net = ConstantWeights()
+    loss, grads = meta_step(melo, batch, 0)
+    maml_loss, maml_grads = meta_step(learner_for(small_config(backbone, "maml")), batch, 0)
+    assert torch.allclose(loss, maml_loss, rtol=1e-12)
+    assert_same(grads, maml_grads, rtol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("adapt", "expected"),
+    [
+        ("head", {"head.weight", "head.bias"}),
+        ("no_embeddings", None),
+    ],
+)
+def test_adapted_parameter_choice(adapt, expected):
+    learner = learner_for(small_config("sasrec", "melo", adapt=adapt))
+    names = set(learner.adapted)
+    if expected is not None:
+        assert names == expected
+    else:
+        assert not any("embedding" in n for n in names) and "head.weight" in names
+    assert len(learner.inner_lrs) == len(names)
+    _, grads = meta_step(learner, small_batch(), 0)
+    frozen = [n for n in grads if n.startswith("backbone.") and n[9:] not in names]
+    assert frozen and all(torch.isfinite(grads[n]).all() for n in frozen)
+
+
+def test_step_importance_anneals_onto_the_last_step():
+    first = step_importance(3, 0, 100)
+    assert first == pytest.approx([1 / 3] * 3)
+    middle = step_importance(3, 50, 100)
+    assert sum(middle) == pytest.approx(1.0) and middle[-1] > middle[0]
+    assert step_importance(3, 100, 100) == [0.0, 0.0, 1.0]
+    assert step_importance(3, 5, 0) == [0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_backbone_output_range_and_shapes(backbone):
+    learner = learner_for(small_config(backbone, "melo"))
+    items = torch.randint(0, ITEMS + 1, (2, 3, 8))
+    items[..., -1] = 1  # the last position is always real
+    pred = learner.backbone(items)
+    assert pred.shape == items.shape
+    assert (pred > 0.1).all() and (pred < 1.1).all()
+    assert torch.allclose(learner.backbone(items[0, 0]), pred[0, 0])  # any leading dims
+
+
+def test_predictions_are_on_the_rating_scale_and_half_stars_work():
+    config = small_config("gru4rec", "melo")
+    levels = [0.5 * k for k in range(1, 11)]
+    torch.manual_seed(0)
+    learner = build_learner(config, ITEMS, levels)
+    batch = small_batch(dtype=torch.float32)
+    half = TaskBatch(
+        batch.support_items,
+        batch.support_ratings - 0.5 * batch.support_mask,
+        batch.support_mask,
+        batch.query_items,
+        batch.query_ratings,
+        batch.query_mask,
+    )
+    weights = learner.weight_net(half.support_ratings, half.support_mask)
+    assert torch.isfinite(weights).all() and (weights >= 0).all()
+    pred = predict_targets(learner, half)
+    assert pred.shape == batch.query_items.shape[:2]
+    assert (pred > 0.5).all() and (pred < 5.5).all()
+
+
+def test_softmax_encoder_weights_sum_to_window_length():
+    config = small_config("sasrec", "melo")
+    config.model.encoder_output = "softmax"
+    learner = learner_for(config)
+    batch = small_batch()
+    weights = learner.weight_net(batch.support_ratings, batch.support_mask)
+    assert torch.allclose(weights.sum(-1), batch.support_mask.sum(-1).to(weights.dtype))
+    assert (weights[~batch.support_mask] == 0).all()

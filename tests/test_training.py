@@ -1,0 +1,167 @@
+"""Local training: exact resume, checkpoints, metrics, reference points, config and CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from melo_dist.cli import main
+from melo_dist.config import Config, load_config
+from melo_dist.errors import InputError
+from melo_dist.training.checkpoint import BEST, LAST, load_checkpoint
+from melo_dist.training.evaluate import Targets, score
+from melo_dist.training.loop import train_local
+from melo_dist.training.report import evaluate_checkpoints
+
+
+def tiny_config(data_dir, out, iterations: int = 6, **meta) -> Config:
+    config = Config()
+    config.data.path, config.data.valid_users = str(data_dir), 40
+    config.data.window, config.data.support, config.data.query = 10, 4, 2
+    config.model.backbone, config.model.dim, config.model.heads = "gru4rec", 8, 2
+    config.model.max_length, config.model.encoder_hidden = 10, 8
+    config.meta.tasks_per_batch, config.meta.inner_steps = 4, 2
+    config.meta.multi_step_iterations = 3
+    for key, value in meta.items():
+        setattr(config.meta, key, value)
+    config.optim.iterations = iterations
+    config.run.out, config.run.validate_every, config.run.log_every = str(out), 3, 1
+    return config.validate()
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after_iteration_3(message: str) -> None:
+    if message.startswith("iter 3/"):  # logged right after the iteration-3 checkpoint
+        raise Crash
+
+
+def test_resume_continues_exactly(synthetic_dir, tmp_path):
+    train_local(tiny_config(synthetic_dir, tmp_path / "straight"), log=lambda message: None)
+    with pytest.raises(Crash):
+        train_local(tiny_config(synthetic_dir, tmp_path / "resumed"), log=crash_after_iteration_3)
+    messages = []
+    train_local(tiny_config(synthetic_dir, tmp_path / "resumed"), log=messages.append)
+    assert any("resuming" in m and "iteration 3" in m for m in messages)
+
+    a, b = (
+        load_checkpoint(tmp_path / "straight" / LAST),
+        load_checkpoint(tmp_path / "resumed" / LAST),
+    )
+    assert a["iteration"] == b["iteration"] == 6
+    for name, value in a["learner"].items():
+        assert torch.equal(value, b["learner"][name]), name
+    iterations = [
+        json.loads(line)["iteration"]
+        for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert iterations == [3, 6]  # nothing counted twice
+
+
+def test_training_writes_checkpoints_and_improves(synthetic_dir, tmp_path):
+    config = tiny_config(synthetic_dir, tmp_path / "run", iterations=12)
+    best = train_local(config, log=lambda message: None)
+    state = load_checkpoint(tmp_path / "run" / BEST)
+    assert state["best_rmse"] == pytest.approx(best["valid_rmse"])
+    assert set(state) >= {
+        "learner",
+        "optimizers",
+        "schedulers",
+        "iteration",
+        "rng",
+        "config",
+        "manifest_sha256",
+    }
+    records = [
+        json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["iteration"] for r in records] == [3, 6, 9, 12]
+    assert records[-1]["loss"] < records[0]["loss"]
+    # a run folder holding another config is refused rather than silently mixed
+    config.optim.lr = 0.5
+    with pytest.raises(InputError, match="different config"):
+        train_local(config, log=lambda message: None)
+
+
+def test_every_regime_trains_and_evaluates(synthetic_dir, tmp_path):
+    paths = []
+    for regime in ("basic", "maml", "melo", "focal", "class_balanced", "stats_mlp"):
+        config = tiny_config(synthetic_dir, tmp_path / regime, iterations=3, regime=regime)
+        train_local(config, log=lambda message: None)
+        paths.append(str(tmp_path / regime))
+    results = evaluate_checkpoints(paths, "test")
+    assert len(results) == 6 + 4  # every regime plus the four reference points
+    users = {m["users"] for m in results.values()}
+    assert users == {120}  # the same targets for everyone
+    for metrics in results.values():
+        assert 0 < metrics["mae"] <= metrics["rmse"] < 4
+
+
+def test_score_aggregates_per_user_then_over_users():
+    rating = np.array([[5.0, 5.0, 5.0], [1.0, 1.0, 0.0]])
+    targets = Targets(
+        rating=rating,
+        item=np.ones_like(rating, dtype=int),
+        valid=np.array([[True, True, True], [True, True, False]]),
+        support_sum=np.zeros(2),
+        support_count=np.zeros(2),
+        support_items=[],
+        support_ratings=[],
+    )
+    pred = np.array([[4.0, 5.0, 5.0], [3.0, 1.0, 9.0]])  # the invalid slot must not count
+    metrics = score(pred, targets)
+    user_mse = np.array([1 / 3, 4 / 2])
+    assert metrics["rmse"] == pytest.approx(np.sqrt(user_mse.mean()))
+    assert metrics["mae"] == pytest.approx(np.mean([1 / 3, 2 / 2]))
+    assert metrics["rmse_5"] == pytest.approx(np.sqrt(1 / 3))
+    assert metrics["rmse_1"] == pytest.approx(np.sqrt(2.0))
+    assert metrics["users_1"] == metrics["users_5"] == 1
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(InputError, match="model.backbone"):
+        load_config(None, ["model.backbone=lstm"])
+    with pytest.raises(InputError, match="meta.inner_steps expects int"):
+        load_config(None, ["meta.inner_steps=three"])
+    with pytest.raises(InputError, match=r"unknown key\(s\) \['inner_step'\]"):
+        load_config(None, ["meta.inner_step=3"])
+    with pytest.raises(InputError, match="section.key=value"):
+        load_config(None, ["iterations=3"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("meta:\n  regime: melo\n  inner_steps: [1\n")
+    with pytest.raises(InputError, match=r"bad.yaml:\d"):
+        load_config(bad)
+    good = tmp_path / "good.yaml"
+    good.write_text("meta:\n  regime: maml\noptim:\n  lr: 1e-4\n")
+    config = load_config(good, ["meta.inner_steps=5"])
+    assert (config.meta.regime, config.meta.inner_steps, config.optim.lr) == ("maml", 5, 1e-4)
+
+
+def test_cli_train_and_evaluate(synthetic_dir, tmp_path, capsys):
+    sets = [
+        f"--set={k}={v}"
+        for k, v in {
+            "data.path": synthetic_dir,
+            "data.valid_users": 40,
+            "model.backbone": "gru4rec",
+            "model.dim": 8,
+            "meta.tasks_per_batch": 4,
+            "meta.inner_steps": 1,
+            "optim.iterations": 2,
+            "run.validate_every": 2,
+            "run.out": tmp_path / "run",
+        }.items()
+    ]
+    assert main(["train", *sets]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["iteration"] == 2
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--split", "test"]) == 0
+    out = capsys.readouterr().out
+    assert "bias model" in out and "users per class" in out
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert {line["model"] for line in lines} >= {"global mean", "item mean", "support mean"}
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "nothing")]) == 2
