@@ -84,7 +84,7 @@ def test_training_writes_checkpoints_and_improves(synthetic_dir, tmp_path):
     assert records[-1]["loss"] < records[0]["loss"]
     # a run folder holding another config is refused rather than silently mixed
     config.optim.lr = 0.5
-    with pytest.raises(InputError, match="different config"):
+    with pytest.raises(InputError, match=r"different config"):
         train_local(config, log=lambda message: None)
 
 
@@ -124,13 +124,13 @@ def test_score_aggregates_per_user_then_over_users():
 
 
 def test_config_errors_name_the_key(tmp_path):
-    with pytest.raises(InputError, match="model.backbone"):
+    with pytest.raises(InputError, match=r"model.backbone"):
         load_config(None, ["model.backbone=lstm"])
-    with pytest.raises(InputError, match="meta.inner_steps expects int"):
+    with pytest.raises(InputError, match=r"meta.inner_steps expects int"):
         load_config(None, ["meta.inner_steps=three"])
     with pytest.raises(InputError, match=r"unknown key\(s\) \['inner_step'\]"):
         load_config(None, ["meta.inner_step=3"])
-    with pytest.raises(InputError, match="section.key=value"):
+    with pytest.raises(InputError, match=r"section.key=value"):
         load_config(None, ["iterations=3"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("meta:\n  regime: melo\n  inner_steps: [1\n")
