@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATA ?= data/synthetic
 
-.PHONY: install run test lint bench-prepare clean
+.PHONY: install run test lint clean
 
 install: $(VENV)/.installed
 
@@ -16,8 +16,17 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# The main job: prepare the embedded synthetic default, meta-train MELO and MAML briefly,
+# score both (and the reference points) on the test users.
 run: install
 	$(BIN)/melo-dist prepare --source synthetic --out $(DATA) --test-users 400 --overwrite
+	rm -rf runs/synthetic-melo runs/synthetic-maml
+	$(BIN)/melo-dist train --config configs/synthetic.yaml --set data.path=$(DATA) \
+		--set meta.regime=melo --set run.out=runs/synthetic-melo
+	$(BIN)/melo-dist train --config configs/synthetic.yaml --set data.path=$(DATA) \
+		--set meta.regime=maml --set run.out=runs/synthetic-maml
+	$(BIN)/melo-dist evaluate --checkpoint runs/synthetic-melo --checkpoint runs/synthetic-maml \
+		--split test
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -25,8 +34,5 @@ test: install
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-bench-prepare: install
-	$(BIN)/melo-dist bench prepare
-
 clean:
-	rm -rf $(VENV) data/synthetic
+	rm -rf $(VENV) data/synthetic runs/synthetic-melo runs/synthetic-maml

@@ -40,7 +40,7 @@ def small_batch(tasks: int = 3, seed: int = 0, dtype=torch.float64) -> TaskBatch
         rng.integers(1, 6, size=offsets[-1]).astype(np.float32),
         offsets,
     )
-    batch = sample_tasks(rows, WindowSpec(length=8, support=4, query=2), rng=rng)
+    batch = sample_tasks(rows, WindowSpec(length=8, support=4, query=2), seed=seed, train=True)
     return TaskBatch(
         batch.support_items,
         batch.support_ratings.to(dtype),

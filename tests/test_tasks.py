@@ -38,9 +38,9 @@ def test_window_invariants(mode):
     spec = WindowSpec()
     for draw in range(20):
         batch = (
-            sample_tasks(rows, spec, rng=np.random.default_rng(draw))
+            sample_tasks(rows, spec, seed=draw, train=True)
             if mode == "train"
-            else sample_tasks(rows, spec, eval_seed=draw)
+            else sample_tasks(rows, spec, seed=draw, train=False)
         )
         assert batch.support_items.shape == (len(LENGTHS), 25, 30)
         assert batch.query_items.shape == (len(LENGTHS), 3, 30)
@@ -78,28 +78,41 @@ def test_window_invariants(mode):
 
 def test_training_windows_are_random_and_reproducible():
     rows = positional_rows(LENGTHS)
-    one = sample_tasks(rows, rng=np.random.default_rng(0))
-    again = sample_tasks(rows, rng=np.random.default_rng(0))
-    other = sample_tasks(rows, rng=np.random.default_rng(1))
+    one = sample_tasks(rows, seed=0, train=True)
+    again = sample_tasks(rows, seed=0, train=True)
+    other = sample_tasks(rows, seed=1, train=True)
     assert torch.equal(one.support_items, again.support_items)
     assert not torch.equal(one.support_items, other.support_items)
     # Long users get windows from anywhere in their history, not only the end.
     targets = {
-        int(sample_tasks(rows, rng=np.random.default_rng(s)).query_items[-1, 0, -1])
-        for s in range(30)
+        int(sample_tasks(rows, seed=s, train=True).query_items[-1, 0, -1]) for s in range(30)
     }
     assert len(targets) > 10
 
 
 def test_evaluation_windows_do_not_depend_on_the_batch():
     rows = positional_rows(LENGTHS)
-    full = sample_tasks(rows, eval_seed=7)
+    full = sample_tasks(rows, seed=7, train=False)
     subset = [9, 3, 11]
-    part = sample_tasks(rows.take(np.array(subset)), eval_seed=7)
+    part = sample_tasks(rows.take(np.array(subset)), seed=7, train=False)
     for i, user in enumerate(subset):  # take() keeps item values, so windows compare directly
         assert torch.equal(part.support_items[i], full.support_items[user])
         assert torch.equal(part.query_items[i], full.query_items[user])
-    assert not torch.equal(sample_tasks(rows, eval_seed=8).support_items, full.support_items)
+    other_seed = sample_tasks(rows, seed=8, train=False)
+    assert not torch.equal(other_seed.support_items, full.support_items)
+
+
+def test_training_windows_do_not_depend_on_the_batch_either():
+    """What lets 1 worker x 16 tasks and 2 workers x 8 tasks cut identical tasks."""
+    rows = positional_rows(LENGTHS)
+    full = sample_tasks(rows, seed=3, train=True)
+    halves = [
+        sample_tasks(rows.take(np.arange(a, b)), seed=3, train=True)
+        for a, b in ((0, 5), (5, len(LENGTHS)))
+    ]
+    for name in ("support_items", "support_mask", "query_items", "query_ratings"):
+        joined = torch.cat([getattr(half, name) for half in halves])
+        assert torch.equal(joined, getattr(full, name))
 
 
 def test_rows_from_lists_and_parquet_agree(synthetic_dir):
@@ -111,6 +124,6 @@ def test_rows_from_lists_and_parquet_agree(synthetic_dir):
     )
     for name in ("items", "ratings", "offsets"):
         assert np.array_equal(getattr(rows, name), getattr(again, name))
-    batch = sample_tasks(rows.take(np.arange(16)), eval_seed=0)
+    batch = sample_tasks(rows.take(np.arange(16)), seed=0, train=False)
     assert batch.support_items.dtype == torch.int64 and batch.support_ratings.dtype == torch.float32
     assert len(batch) == 16

@@ -73,7 +73,8 @@ def test_training_writes_checkpoints_and_improves(synthetic_dir, tmp_path):
         "optimizers",
         "schedulers",
         "iteration",
-        "rng",
+        "epoch",
+        "cursor",
         "config",
         "manifest_sha256",
     }

@@ -47,7 +47,7 @@ def reference_batch(tasks: int, items: int, seed: int = 0):
         rng.integers(1, 6, size=offsets[-1]).astype(np.float32),
         offsets,
     )
-    return sample_tasks(rows, WindowSpec(), rng=rng)
+    return sample_tasks(rows, WindowSpec(), seed=seed, train=True)
 
 
 def measure(

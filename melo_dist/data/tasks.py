@@ -9,9 +9,10 @@ Per user (DESIGN §2), with window length L (30):
   n - 1 interactions, so no support window ever contains the query target.
 Every window is left-padded to L (item 0, rating 0, mask False).
 
-Everything is vectorised over the batch: each user gets one row of uniform numbers, from the
-training generator or, for evaluation, from a counter-based hash of (seed, user id), so
-evaluation windows are fixed per user whatever the batch composition.
+Everything is vectorised over the batch. Each user's random numbers come from a counter-based
+hash of (seed, user id), so a task's windows depend only on the seed and the user, never on
+which batch, worker or position the user lands in: evaluation windows are fixed per user, and
+a training iteration's tasks are the same whether one worker or many cut them.
 """
 
 from __future__ import annotations
@@ -143,33 +144,19 @@ def support_pairs(length: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def sample_tasks(
-    rows: TaskRows,
-    spec: WindowSpec = WindowSpec(),
-    *,
-    rng: np.random.Generator | None = None,
-    eval_seed: int | None = None,
+    rows: TaskRows, spec: WindowSpec = WindowSpec(), *, seed: int, train: bool
 ) -> TaskBatch:
-    """Cut and collate one meta-batch: random windows from `rng`, or fixed ones from `eval_seed`."""
-    if (rng is None) == (eval_seed is None):
-        raise ValueError("pass exactly one of rng (training) or eval_seed (evaluation)")
+    """Cut and collate one meta-batch: a random window per user when `train`, else the last."""
     L = spec.length
     pair_start, pair_end = support_pairs(L)
     n_draws = 1 + (L - 1) + len(pair_start)
     lengths = rows.lengths
     if lengths.min(initial=2) < 2:
         raise InputError("every task needs at least 2 interactions (one support, one target)")
-    uniforms = (
-        rng.random((len(rows), n_draws))
-        if rng is not None
-        else hashed_uniforms(user_keys(rows.user_id), eval_seed, n_draws)
-    )
+    uniforms = hashed_uniforms(user_keys(rows.user_id), seed, n_draws)
     n = np.minimum(lengths, L)
     slack = lengths - n
-    start = (
-        np.minimum((uniforms[:, 0] * (slack + 1)).astype(np.int64), slack)
-        if rng is not None
-        else slack
-    )
+    start = np.minimum((uniforms[:, 0] * (slack + 1)).astype(np.int64), slack) if train else slack
     window_start = rows.offsets[:-1] + start  # flat index of each window's first interaction
 
     # Query: the `query` smallest keys among the valid suffix lengths 2..n.

@@ -1,19 +1,18 @@
 """Checkpoints: one plain dict, written atomically, loaded with `weights_only=True`.
 
 It holds the learner (backbone, weight net, inner learning rates), the optimiser and scheduler
-states, the iteration, the best validation RMSE, the RNG states (torch and numpy), the config
-and the SHA-256 of the dataset manifest it was trained on.
+states, the iteration, the best validation RMSE, the local sampler's position, the config and
+the SHA-256 of the dataset manifest it was trained on. There is no RNG state to save: task
+windows and dropout masks are drawn from seeds derived from (run seed, iteration, rank).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from melo_dist.errors import InputError
@@ -23,17 +22,6 @@ LAST, BEST = "last.pt", "best.pt"
 
 def manifest_hash(data_dir: str | Path) -> str:
     return hashlib.sha256((Path(data_dir) / "manifest.json").read_bytes()).hexdigest()
-
-
-def rng_state(rng: np.random.Generator) -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": json.dumps(rng.bit_generator.state)}
-
-
-def restore_rng(state: dict) -> np.random.Generator:
-    torch.set_rng_state(state["torch"])
-    rng = np.random.default_rng()
-    rng.bit_generator.state = json.loads(state["numpy"])
-    return rng
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:

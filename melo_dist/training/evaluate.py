@@ -1,10 +1,10 @@
 """Evaluation: RMSE/MAE on the last position of each query, aggregated per user, then over users.
 
 Every regime and every reference point is scored on the same targets: the fixed evaluation
-windows of a split (`sample_tasks(eval_seed=...)`), the last position of each query suffix,
-on the rating scale. Per user, the squared (absolute) errors of its queries are averaged; RMSE
-is the square root of the mean over users of those per-user MSEs, MAE the mean of per-user MAEs
-(the reference's aggregation).
+windows of a split (`sample_tasks(seed=data.eval_seed, train=False)`), the last position of
+each query suffix, on the rating scale. Per user, the squared (absolute) errors of its queries
+are averaged; RMSE is the square root of the mean over users of those per-user MSEs, MAE the
+mean of per-user MAEs (the reference's aggregation).
 
 Reference points any model must beat, computed from the same tasks:
 - global mean: the mean training rating;
@@ -44,7 +44,7 @@ def eval_batches(rows: TaskRows, spec: WindowSpec, seed: int, batch_size: int = 
     """The split's users in fixed order and fixed windows, `batch_size` tasks at a time."""
     for start in range(0, len(rows), batch_size):
         users = np.arange(start, min(start + batch_size, len(rows)))
-        yield sample_tasks(rows.take(users), spec, eval_seed=seed)
+        yield sample_tasks(rows.take(users), spec, seed=seed, train=False)
 
 
 def collect_targets(batches: list[TaskBatch]) -> Targets:

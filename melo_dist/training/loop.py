@@ -30,8 +30,6 @@ from melo_dist.training.checkpoint import (
     LAST,
     load_checkpoint,
     manifest_hash,
-    restore_rng,
-    rng_state,
     save_checkpoint,
 )
 from melo_dist.training.evaluate import collect_targets, eval_batches, evaluate_learner
@@ -73,10 +71,9 @@ def cosine(optimizer: torch.optim.Optimizer, iterations: int, floor: float):
 
 
 class TrainingRun:
-    def __init__(self, config: Config, data: Dataset) -> None:
-        self.config, self.data = config, data
+    def __init__(self, config: Config, data: Dataset, rank: int = 0) -> None:
+        self.config, self.data, self.rank = config, data, rank
         torch.manual_seed(config.run.seed)
-        self.rng = np.random.default_rng(config.run.seed)
         self.learner = build_learner(config, data.num_items, data.levels)
         if config.run.init_from:
             init_embeddings(self.learner, config.run.init_from)
@@ -100,11 +97,13 @@ class TrainingRun:
         self.iteration, self.best_rmse = 0, math.inf
         self.valid_batches = list(eval_batches(data.valid, data.spec, config.data.eval_seed))
         self.valid_targets = collect_targets(self.valid_batches)
-        self.epoch_order, self.cursor = np.empty(0, dtype=np.int64), 0
+        self.epoch, self.cursor = 0, 0  # the local sampler's place in its user permutations
 
     # -- one meta-iteration, in two halves so distributed workers can all-reduce in between --
     def gradients(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         meta = self.config.meta
+        # dropout masks from (seed, iteration, rank): reproducible, so no RNG state to save
+        torch.manual_seed(self.batch_seed() * 4099 + self.rank)
         return meta_step(
             self.learner, batch, self.iteration, meta.multi_step_iterations, meta.first_order
         )
@@ -121,15 +120,24 @@ class TrainingRun:
         self.iteration += 1
 
     def sample_batch(self, tasks: int) -> TaskBatch:
-        """The next `tasks` training users (epochs of seeded permutations), with random windows."""
-        users = []
+        """The next `tasks` training users, in epochs of seeded permutations (local training;
+        Ray workers get their users from their Ray Data shard instead)."""
+        users: list[int] = []
         while len(users) < tasks:
-            if self.cursor == len(self.epoch_order):
-                self.epoch_order, self.cursor = self.rng.permutation(len(self.data.train)), 0
-            taken = self.epoch_order[self.cursor : self.cursor + tasks - len(users)]
+            order = np.random.default_rng([self.config.run.seed, self.epoch]).permutation(
+                len(self.data.train)
+            )
+            taken = order[self.cursor : self.cursor + tasks - len(users)]
             users.extend(taken)
             self.cursor += len(taken)
-        return sample_tasks(self.data.train.take(np.array(users)), self.data.spec, rng=self.rng)
+            if self.cursor == len(order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+        rows = self.data.train.take(np.array(users))
+        return sample_tasks(rows, self.data.spec, seed=self.batch_seed(), train=True)
+
+    def batch_seed(self) -> int:
+        """This iteration's window seed: the same on every worker, new every iteration."""
+        return self.config.run.seed * 1_000_003 + self.iteration
 
     def validate(self) -> dict:
         return evaluate_learner(self.learner, self.valid_batches, self.valid_targets)
@@ -142,8 +150,7 @@ class TrainingRun:
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
             "iteration": self.iteration,
             "best_rmse": self.best_rmse,
-            "rng": rng_state(self.rng),
-            "epoch_order": torch.from_numpy(self.epoch_order),
+            "epoch": self.epoch,
             "cursor": self.cursor,
             "config": self.config.to_dict(),
             "manifest_sha256": manifest_hash(self.data.path),
@@ -163,8 +170,7 @@ class TrainingRun:
         for key, scheduler in self.schedulers.items():
             scheduler.load_state_dict(state["schedulers"][key])
         self.iteration, self.best_rmse = state["iteration"], state["best_rmse"]
-        self.rng = restore_rng(state["rng"])
-        self.epoch_order, self.cursor = state["epoch_order"].numpy(), state["cursor"]
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
 
     def save(self, out: Path, metrics: dict) -> None:
         """Write last.pt, and best.pt when validation RMSE improved."""
