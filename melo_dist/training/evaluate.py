@@ -90,7 +90,7 @@ def evaluate_learner(learner: MetaLearner, batches: list[TaskBatch], targets: Ta
     was_training = learner.training
     learner.eval()
     try:
-        pred = torch.cat([predict_targets(learner, batch) for batch in batches]).numpy()
+        pred = torch.cat([predict_targets(learner, batch).cpu() for batch in batches]).numpy()
     finally:
         learner.train(was_training)
     return score(pred, targets)

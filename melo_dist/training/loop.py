@@ -35,6 +35,7 @@ from melo_dist.training.checkpoint import (
 from melo_dist.training.evaluate import collect_targets, eval_batches, evaluate_learner
 
 GROUPS = ("backbone", "weight_net", "inner_lrs")  # one optimiser each, by parameter prefix
+METRICS = "metrics.jsonl"
 
 
 @dataclass
@@ -42,7 +43,7 @@ class Dataset:
     path: Path
     manifest: dict
     spec: WindowSpec
-    train: TaskRows
+    train: TaskRows | None  # None on Ray workers: their training users come from Ray Data
     valid: TaskRows
 
     @property
@@ -54,16 +55,15 @@ class Dataset:
         return self.manifest["rating_levels"]
 
 
-def load_dataset(config: Config) -> Dataset:
+def load_dataset(config: Config, with_train: bool = True) -> Dataset:
     path = Path(config.data.path)
     manifest = load_manifest(path)
     valid = TaskRows.from_parquet(str(path / "tasks-valid.parquet"))
     if config.data.valid_users and len(valid) > config.data.valid_users:
         valid = valid.take(np.arange(config.data.valid_users))
     spec = WindowSpec(config.data.window, config.data.support, config.data.query)
-    return Dataset(
-        path, manifest, spec, TaskRows.from_parquet(str(path / "tasks-train.parquet")), valid
-    )
+    train = TaskRows.from_parquet(str(path / "tasks-train.parquet")) if with_train else None
+    return Dataset(path, manifest, spec, train, valid)
 
 
 def cosine(optimizer: torch.optim.Optimizer, iterations: int, floor: float):
@@ -71,12 +71,15 @@ def cosine(optimizer: torch.optim.Optimizer, iterations: int, floor: float):
 
 
 class TrainingRun:
-    def __init__(self, config: Config, data: Dataset, rank: int = 0) -> None:
-        self.config, self.data, self.rank = config, data, rank
+    def __init__(
+        self, config: Config, data: Dataset, rank: int = 0, device: torch.device | str = "cpu"
+    ) -> None:
+        self.config, self.data, self.rank, self.device = config, data, rank, torch.device(device)
         torch.manual_seed(config.run.seed)
         self.learner = build_learner(config, data.num_items, data.levels)
         if config.run.init_from:
             init_embeddings(self.learner, config.run.init_from)
+        self.learner.to(self.device)
         optim = config.optim
         self.params = {
             group: [p for n, p in self.learner.named_parameters() if n.startswith(group + ".")]
@@ -97,6 +100,7 @@ class TrainingRun:
         self.iteration, self.best_rmse = 0, math.inf
         self.valid_batches = list(eval_batches(data.valid, data.spec, config.data.eval_seed))
         self.valid_targets = collect_targets(self.valid_batches)
+        self.valid_batches = [batch.to(self.device) for batch in self.valid_batches]
         self.epoch, self.cursor = 0, 0  # the local sampler's place in its user permutations
 
     # -- one meta-iteration, in two halves so distributed workers can all-reduce in between --
@@ -105,7 +109,11 @@ class TrainingRun:
         # dropout masks from (seed, iteration, rank): reproducible, so no RNG state to save
         torch.manual_seed(self.batch_seed() * 4099 + self.rank)
         return meta_step(
-            self.learner, batch, self.iteration, meta.multi_step_iterations, meta.first_order
+            self.learner,
+            batch.to(self.device),
+            self.iteration,
+            meta.multi_step_iterations,
+            meta.first_order,
         )
 
     def apply(self, grads: dict[str, torch.Tensor]) -> None:
@@ -172,15 +180,53 @@ class TrainingRun:
         self.iteration, self.best_rmse = state["iteration"], state["best_rmse"]
         self.epoch, self.cursor = state["epoch"], state["cursor"]
 
-    def save(self, out: Path, metrics: dict) -> None:
-        """Write last.pt, and best.pt when validation RMSE improved."""
+    def resume_from(self, out: Path) -> bool:
+        """Continue the run saved in `out` (last.pt), if any; refuse one of another config."""
+        if not (out / LAST).exists():
+            return False
+        state = load_checkpoint(out / LAST)
+        if state["config"] != self.config.to_dict():
+            raise InputError(
+                "holds a run with a different config; choose another run.out", path=out
+            )
+        self.load_state_dict(state)
+        keep_metrics_until(out / METRICS, self.iteration)
+        return True
+
+    def at_checkpoint(self) -> bool:
+        return (
+            self.iteration % self.config.run.validate_every == 0
+            or self.iteration == self.config.optim.iterations
+        )
+
+    def checkpoint(self, out: Path, losses: list[float], seconds: float) -> dict:
+        """Validate, write last.pt (and best.pt when validation RMSE improved) and append the
+        record to metrics.jsonl in `out`; returns the record, with a log message."""
+        metrics = self.validate()
         improved = metrics["rmse"] < self.best_rmse
-        if improved:
-            self.best_rmse = metrics["rmse"]
+        self.best_rmse = min(self.best_rmse, metrics["rmse"])
+        out.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()
         save_checkpoint(out / LAST, state)
         if improved:
             save_checkpoint(out / BEST, state)
+        record = {
+            "iteration": self.iteration,
+            "loss": float(np.mean(losses)),
+            "valid_rmse": metrics["rmse"],
+            "valid_mae": metrics["mae"],
+            "best_valid_rmse": self.best_rmse,
+            "seconds_per_iteration": seconds / len(losses),
+        }
+        with open(out / METRICS, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        message = (
+            f"iter {self.iteration}/{self.config.optim.iterations} "
+            f"loss {record['loss']:.4f} valid RMSE {metrics['rmse']:.4f} "
+            f"MAE {metrics['mae']:.4f} (best {self.best_rmse:.4f}) "
+            f"{record['seconds_per_iteration']:.2f} s/it"
+        )
+        return {**record, "message": message}
 
 
 def init_embeddings(learner: torch.nn.Module, checkpoint: str) -> None:
@@ -213,49 +259,28 @@ def log_to_stderr(message: str) -> None:
 
 
 def train_local(config: Config, log: Callable[[str], None] = log_to_stderr) -> dict:
-    """Meta-train in this process; returns the best validation metrics."""
+    """Meta-train in this process; returns the best validation record."""
     prepare_process(config)
     run = TrainingRun(config, load_dataset(config))
     out = Path(config.run.out)
-    metrics_path = out / "metrics.jsonl"
-    if (out / LAST).exists():
-        state = load_checkpoint(out / LAST)
-        if state["config"] != config.to_dict():
-            raise InputError(
-                "holds a run with a different config; choose another run.out", path=out
-            )
-        run.load_state_dict(state)
+    if run.resume_from(out):
         log(f"resuming {out} at iteration {run.iteration}")
-        keep_metrics_until(metrics_path, run.iteration)
-    out.mkdir(parents=True, exist_ok=True)
     total, tasks = config.optim.iterations, config.meta.tasks_per_batch
-    started, losses = time.perf_counter(), []
+    losses, started = [], time.perf_counter()
     while run.iteration < total:
         loss, grads = run.gradients(run.sample_batch(tasks))
         run.apply(grads)
         losses.append(float(loss))
-        if run.iteration % config.run.validate_every == 0 or run.iteration == total:
-            metrics = run.validate()
-            run.save(out, metrics)
-            record = {
-                "iteration": run.iteration,
-                "loss": float(np.mean(losses)),
-                "valid_rmse": metrics["rmse"],
-                "valid_mae": metrics["mae"],
-                "best_valid_rmse": run.best_rmse,
-                "seconds_per_iteration": (time.perf_counter() - started) / len(losses),
-            }
-            with open(metrics_path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            log(
-                f"iter {run.iteration}/{total} loss {record['loss']:.4f} "
-                f"valid RMSE {metrics['rmse']:.4f} MAE {metrics['mae']:.4f} "
-                f"(best {run.best_rmse:.4f}) {record['seconds_per_iteration']:.2f} s/it"
-            )
-            started, losses = time.perf_counter(), []
+        if run.at_checkpoint():
+            log(run.checkpoint(out, losses, time.perf_counter() - started)["message"])
+            losses, started = [], time.perf_counter()
         elif run.iteration % config.run.log_every == 0:
             log(f"iter {run.iteration}/{total} loss {np.mean(losses[-config.run.log_every :]):.4f}")
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    return best_record(out)
+
+
+def best_record(out: Path) -> dict:
+    records = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
     return min(records, key=lambda record: record["valid_rmse"])
 
 
