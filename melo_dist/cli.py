@@ -96,7 +96,20 @@ def cmd_train(args: argparse.Namespace) -> None:
     from melo_dist.training.loop import train_local
 
     config = load_config(args.config, args.set or [])
-    best = train_local(config)
+    if args.workers == 0:
+        best = train_local(config)
+    else:
+        from melo_dist.distributed.train import connect, fit
+
+        connect()
+        best = fit(
+            config,
+            args.workers,
+            cpus_per_worker=args.cpus_per_worker,
+            use_gpu=args.use_gpu,
+            storage_path=args.storage,
+            max_failures=args.max_failures,
+        )
     print(json.dumps({"event": "train_done", "out": config.run.out, **best}))
 
 
@@ -146,13 +159,30 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="the raw manifest")
     inspect.set_defaults(run=cmd_inspect)
 
-    train = commands.add_parser("train", help="meta-train from a config (in-process)")
+    train = commands.add_parser("train", help="meta-train from a config")
     train.add_argument("--config", help="YAML config (defaults: the reference's)")
     train.add_argument(
         "--set",
         action="append",
         metavar="SECTION.KEY=VALUE",
         help="override one config value; repeatable",
+    )
+    train.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="Ray Train workers (0: in-process, no Ray); joins $RAY_ADDRESS or starts local Ray",
+    )
+    train.add_argument(
+        "--cpus-per-worker", type=float, help="default: up to 1, leaving half a CPU for Ray Data"
+    )
+    train.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    train.add_argument("--storage", help="Ray storage_path (shared storage on a cluster)")
+    train.add_argument(
+        "--max-failures",
+        type=int,
+        default=1,
+        help="worker failures to recover from (from the last checkpoint)",
     )
     train.set_defaults(run=cmd_train)
 

@@ -1,0 +1,198 @@
+"""Ray glue for meta-training: Ray Data shards the training users, a TorchTrainer runs the shared
+`TrainingRun` on every worker, and gradients are averaged with one flat all-reduce.
+
+No DDP wrapper: `torch.func` and DDP do not mix (DESIGN §3). Every rank starts from the same
+parameters (same seed), takes the same steps and applies the same averaged gradients, so the
+ranks stay identical. Nothing algorithmic lives here.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer, get_device
+
+from melo_dist.config import Config
+from melo_dist.data.tasks import TaskRows, sample_tasks
+from melo_dist.errors import InputError
+from melo_dist.training.checkpoint import LAST, load_checkpoint
+from melo_dist.training.loop import (
+    METRICS,
+    TrainingRun,
+    best_record,
+    load_dataset,
+    log_to_stderr,
+    prepare_process,
+)
+
+ROWS = ["user_id", "item_id", "rating"]
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def average(grads: dict[str, torch.Tensor], loss: torch.Tensor) -> tuple[dict, float]:
+    """Mean over ranks of every gradient and the loss, in one flat all-reduce."""
+    names = list(grads)
+    flat = torch.cat([grads[n].reshape(-1) for n in names] + [loss.reshape(1)])
+    if distributed():
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+    out, offset = {}, 0
+    for name in names:
+        size = grads[name].numel()
+        out[name] = flat[offset : offset + size].view_as(grads[name])
+        offset += size
+    return out, float(flat[-1])
+
+
+def in_lockstep(batches: Iterable[dict]) -> Iterator[dict]:
+    """Yield batches while every rank still has one; all ranks stop together.
+
+    Ray Data's equal split makes shards equal, but a rank that ran out while another still
+    had a batch would wait forever in the gradient all-reduce. One tiny MIN all-reduce per
+    step makes that impossible whatever the shard sizes.
+    """
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, None)
+        if distributed():
+            have = torch.tensor([0 if batch is None else 1])
+            dist.all_reduce(have, op=dist.ReduceOp.MIN)
+            if have.item() == 0:
+                return
+        elif batch is None:
+            return
+        yield batch
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    config = Config.from_dict(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(loop_config["threads"])
+    prepare_process(config)
+    run = TrainingRun(
+        config, load_dataset(config, with_train=False), rank=rank, device=get_device()
+    )
+    staging = Path(tempfile.mkdtemp(prefix="melo-checkpoint-"))  # rank 0's checkpoint files
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            shutil.copytree(folder, staging, dirs_exist_ok=True)
+        run.load_state_dict(load_checkpoint(staging / LAST))
+
+    per_rank = config.meta.tasks_per_batch // world
+    shard = ray.train.get_dataset_shard("train")
+    total, epoch = config.optim.iterations, 0
+    losses, started = [], time.perf_counter()
+    while run.iteration < total:
+        steps_this_epoch = 0
+        batches = shard.iter_batches(
+            batch_size=per_rank,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=4 * per_rank,
+            local_shuffle_seed=config.run.seed * 7919 + epoch * 31 + rank,
+        )
+        for rows in in_lockstep(batches):
+            tasks = TaskRows.from_lists(rows["user_id"], rows["item_id"], rows["rating"])
+            batch = sample_tasks(tasks, run.data.spec, seed=run.batch_seed(), train=True)
+            loss, grads = run.gradients(batch)
+            grads, loss = average(grads, loss)
+            run.apply(grads)
+            losses.append(loss)
+            steps_this_epoch += 1
+            if run.at_checkpoint():
+                report(run, staging, losses, time.perf_counter() - started)
+                losses, started = [], time.perf_counter()
+            if run.iteration >= total:
+                break
+        if steps_this_epoch == 0:
+            raise InputError(
+                f"the training shards hold fewer than {per_rank} users per worker; "
+                "use fewer workers or a smaller meta.tasks_per_batch"
+            )
+        epoch += 1
+
+
+def report(run: TrainingRun, staging: Path, losses: list[float], seconds: float) -> None:
+    """Rank 0 validates and writes the checkpoint files; every rank reports (a barrier)."""
+    if run.rank == 0:
+        record = run.checkpoint(staging, losses, seconds)
+        log_to_stderr(record.pop("message"))
+        ray.train.report(record, checkpoint=Checkpoint.from_directory(str(staging)))
+    else:
+        ray.train.report({"iteration": run.iteration})
+
+
+def fit(
+    config: Config,
+    workers: int,
+    *,
+    cpus_per_worker: float | None = None,
+    use_gpu: bool = False,
+    storage_path: str | None = None,
+    max_failures: int = 0,
+) -> dict:
+    """Meta-train on Ray; copies the final checkpoint files into config.run.out and returns the
+    best validation record."""
+    if config.meta.tasks_per_batch % workers:
+        raise InputError(
+            f"meta.tasks_per_batch ({config.meta.tasks_per_batch}) must be a "
+            f"multiple of the number of workers ({workers})"
+        )
+    data = Path(config.data.path)
+    if data.exists():  # workers may run elsewhere in the file system: give them absolute paths
+        config.data.path = str(data.resolve())
+    if config.run.init_from and Path(config.run.init_from).exists():
+        config.run.init_from = str(Path(config.run.init_from).resolve())
+    load_dataset(config, with_train=False)  # fail here, with a clear message, not in a worker
+    out = Path(config.run.out).resolve()
+    # One row per user: small. Materialised before the workers take their CPUs, so the read
+    # never waits for resources the training workers hold.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    tables = str(Path(config.data.path) / "tasks-train.parquet")
+    train = ray.data.read_parquet(tables, columns=ROWS).materialize()
+    if cpus_per_worker is None:  # leave half a CPU for Ray Data and the controller
+        cpus = ray.cluster_resources().get("CPU", 1.0)
+        cpus_per_worker = max(0.25, min(1.0, (cpus - 0.5) / workers))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.to_dict(), "threads": max(1, round(cpus_per_worker))},
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=out.name,
+            storage_path=storage_path or str(out.parent / "ray-results"),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": train},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as folder:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in (LAST, "best.pt", METRICS):
+            if (Path(folder) / name).exists():
+                shutil.copy2(Path(folder) / name, out / name)
+    return best_record(out)
+
+
+def connect(**init_kwargs) -> None:
+    """Join the cluster named by RAY_ADDRESS, or start a local Ray instance when there is none."""
+    if not ray.is_initialized():
+        ray.init(**init_kwargs)
