@@ -185,7 +185,7 @@ class TrainingRun:
         if not (out / LAST).exists():
             return False
         state = load_checkpoint(out / LAST)
-        if state["config"] != self.config.to_dict():
+        if same_run_settings(state["config"]) != same_run_settings(self.config.to_dict()):
             raise InputError(
                 "holds a run with a different config; choose another run.out", path=out
             )
@@ -277,6 +277,15 @@ def train_local(config: Config, log: Callable[[str], None] = log_to_stderr) -> d
         elif run.iteration % config.run.log_every == 0:
             log(f"iter {run.iteration}/{total} loss {np.mean(losses[-config.run.log_every :]):.4f}")
     return best_record(out)
+
+
+def same_run_settings(config: dict) -> dict:
+    """The settings a resumed run must share: all but where things are (paths may move; the
+    dataset itself is checked by its manifest hash)."""
+    return {
+        section: {k: v for k, v in values.items() if k not in ("path", "out")}
+        for section, values in config.items()
+    }
 
 
 def best_record(out: Path) -> dict:
