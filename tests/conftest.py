@@ -38,3 +38,19 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     settings = PrepareSettings(min_item_ratings=20, test_users=120, seed=0)
     prepare(ratings, out, settings, {"family": "synthetic", "format": "synthetic"})
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (started on first use)."""
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        object_store_memory=200 * 1024**2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    yield ray
+    ray.shutdown()

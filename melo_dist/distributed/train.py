@@ -163,7 +163,7 @@ def fit(
     # never waits for resources the training workers hold.
     ray.data.DataContext.get_current().enable_progress_bars = False
     tables = str(Path(config.data.path) / "tasks-train.parquet")
-    train = ray.data.read_parquet(tables, columns=ROWS).materialize()
+    train = ray.data.read_parquet(tables).select_columns(ROWS).materialize()
     if cpus_per_worker is None:  # leave half a CPU for Ray Data and the controller
         cpus = ray.cluster_resources().get("CPU", 1.0)
         cpus_per_worker = max(0.25, min(1.0, (cpus - 0.5) / workers))
