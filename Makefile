@@ -28,7 +28,10 @@ run: install
 	$(BIN)/melo-dist evaluate --checkpoint runs/synthetic-melo --checkpoint runs/synthetic-maml \
 		--split test
 
+# `ray job submit` against a real local head first (it stops every Ray process when done),
+# then the test suite with its own session-wide Ray instance.
 test: install
+	bash scripts/job_submit_smoke.sh
 	$(BIN)/python -m pytest -q
 
 lint: install

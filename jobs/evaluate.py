@@ -1,0 +1,8 @@
+"""`ray job submit ... -- python jobs/evaluate.py ARGS`: the `melo-dist evaluate` command as a Ray job."""
+
+import sys
+
+from melo_dist.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["evaluate", *sys.argv[1:]]))
