@@ -1,4 +1,4 @@
-"""`ray job submit ... -- python jobs/evaluate.py ARGS`: the `melo-dist evaluate` command as a Ray job."""
+"""`ray job submit ... -- python jobs/evaluate.py ARGS`: `melo-dist evaluate` as a Ray job."""
 
 import sys
 

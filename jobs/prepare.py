@@ -1,4 +1,4 @@
-"""`ray job submit ... -- python jobs/prepare.py ARGS`: the `melo-dist prepare` command as a Ray job."""
+"""`ray job submit ... -- python jobs/prepare.py ARGS`: `melo-dist prepare` as a Ray job."""
 
 import sys
 

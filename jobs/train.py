@@ -1,4 +1,4 @@
-"""`ray job submit ... -- python jobs/train.py ARGS`: the `melo-dist train` command as a Ray job."""
+"""`ray job submit ... -- python jobs/train.py ARGS`: `melo-dist train` as a Ray job."""
 
 import sys
 

@@ -65,9 +65,10 @@ def oracle_meta_loss(
                 q_pred = functional_call(
                     learner.backbone, {**params, **fast}, (batch.query_items[b],)
                 )
-                q_mask = batch.query_mask[b]
-                q_se = (q_pred - batch.query_ratings[b] / scale) ** 2 * q_mask
-                task_loss = task_loss + importance[step] * q_se.sum() / q_mask.sum()
+                # the outer loss scores each query's last position (its target) only
+                q_valid = batch.query_mask[b][:, -1]
+                q_se = (q_pred[:, -1] - batch.query_ratings[b][:, -1] / scale) ** 2
+                task_loss = task_loss + importance[step] * q_se[q_valid].mean()
         losses.append(task_loss)
     return torch.stack(losses).mean()
 

@@ -4,7 +4,8 @@ All inner losses share the reference's weighted form (DESIGN §2):
     sum(w * se * mask) / count_nonzero(w * se * mask)
 per task over its support windows, with se the squared error on rating / scale. The regimes
 differ only in w: 1 (MAML), the task-state encoder (MELO), |e| (focal, i.e. |e|^3), the inverse
-frequency of the rating in the user's support (class-balanced), or the statistics net.
+frequency of the rating in the user's support (class-balanced), or the statistics net. The
+outer loss is a plain masked MSE.
 """
 
 from __future__ import annotations
@@ -25,10 +26,15 @@ def weighted_loss(
     return terms.sum(WINDOW_DIMS) / count
 
 
-def query_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[..., Q, L] -> [...]: mean squared error over a task's real query positions."""
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[..., W, L] -> [...]: mean squared error over a task's masked positions."""
     se = (pred - target) ** 2 * mask
     return se.sum(WINDOW_DIMS) / mask.sum(WINDOW_DIMS).clamp(min=1)
+
+
+def last_position(mask: torch.Tensor) -> torch.Tensor:
+    """Keep only the last position of each (left-padded) window: the query target."""
+    return mask & (torch.arange(mask.shape[-1], device=mask.device) == mask.shape[-1] - 1)
 
 
 def class_balanced_weights(

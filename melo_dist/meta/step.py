@@ -10,7 +10,7 @@ import torch
 
 from melo_dist.data.tasks import TaskBatch
 from melo_dist.meta.adapt import MetaLearner
-from melo_dist.meta.losses import query_loss
+from melo_dist.meta.losses import last_position, masked_mse
 
 
 def step_importance(steps: int, iteration: int, multi_step_iterations: int) -> list[float]:
@@ -31,13 +31,18 @@ def meta_loss(
     multi_step_iterations: int = 0,
     first_order: bool = False,
 ) -> torch.Tensor:
-    """The meta-batch's outer loss: mean over tasks of the query MSE after adaptation."""
+    """The meta-batch's outer loss: mean over tasks of the query MSE after adaptation.
+
+    Only each query's last position (the target) is scored, as in evaluation: the earlier
+    positions of a query are interactions the support windows already hold, so scoring them
+    would reward the inner loop for memorising its support set.
+    """
     scale = learner.scale
     if learner.regime == "basic":  # no meta-learning: fit every window of the task directly
         items = torch.cat([batch.support_items, batch.query_items], dim=1)
         ratings = torch.cat([batch.support_ratings, batch.query_ratings], dim=1)
         mask = torch.cat([batch.support_mask, batch.query_mask], dim=1)
-        return query_loss(learner.backbone(items), ratings / scale, mask).mean()
+        return masked_mse(learner.backbone(items), ratings / scale, mask).mean()
 
     create_graph = learner.training and not first_order
     trajectory = learner.adapt(
@@ -45,11 +50,12 @@ def meta_loss(
     )
     importance = step_importance(learner.steps, iteration, multi_step_iterations)
     target = batch.query_ratings / scale
+    scored = last_position(batch.query_mask)
     loss = batch.query_ratings.new_zeros(())
     for fast, weight in zip(trajectory, importance):
         if weight > 0:
             pred = learner.forward_tasks(fast, batch.query_items)
-            loss = loss + weight * query_loss(pred, target, batch.query_mask).mean()
+            loss = loss + weight * masked_mse(pred, target, scored).mean()
     return loss
 
 
