@@ -6,8 +6,11 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -108,3 +111,21 @@ def test_recovers_from_a_killed_worker(ray_session, synthetic_dir, tmp_path):
     # uninterrupted run; the result must agree within a small tolerance.
     assert abs(records[-1]["valid_rmse"] - clean[-1]["valid_rmse"]) < 0.05
     assert best["valid_rmse"] == min(r["valid_rmse"] for r in records)
+
+
+def test_training_survives_losing_a_node(synthetic_dir, tmp_path):
+    """On a two-node local cluster (`ray.cluster_utils.Cluster`, its own process so it does not
+    meet the session's Ray), the node hosting a worker is removed mid-run."""
+    script = Path(__file__).with_name("node_loss_run.py")
+    result = subprocess.run(
+        [sys.executable, str(script), str(synthetic_dir), str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=420,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["removed"]
+    assert summary["iterations"] == sorted(set(summary["iterations"]))
+    assert summary["iterations"][-1] == 8

@@ -11,6 +11,7 @@ from melo_dist.errors import InputError
 BENCHMARKS = {
     "prepare": "melo_dist.bench.prepare",
     "meta-step": "melo_dist.bench.meta_step",
+    "ray": "melo_dist.bench.ray",
 }
 
 

@@ -1,0 +1,52 @@
+"""Run by test_distributed.py in its own process: a two-node local Ray cluster loses the node
+that hosts one training worker mid-run; a replacement node joins (as the autoscaler would) and
+training completes from the last checkpoint. Usage: python node_loss_run.py DATA_DIR OUT_DIR"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import ray
+from ray.cluster_utils import Cluster
+
+from melo_dist.config import Config
+from melo_dist.distributed.train import fit
+
+
+def main(data_dir: str, out: str) -> None:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    cluster.add_node(num_cpus=1)
+    doomed = cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    config = Config()
+    config.data.path, config.data.valid_users = data_dir, 30
+    config.data.window, config.data.support, config.data.query = 10, 4, 2
+    config.model.backbone, config.model.dim, config.model.heads = "gru4rec", 8, 2
+    config.model.max_length, config.model.encoder_hidden = 10, 8
+    config.meta.tasks_per_batch, config.meta.inner_steps = 4, 1
+    config.optim.iterations, config.run.validate_every, config.run.out = 8, 2, out
+    removed = []
+
+    def remove_node_after_first_checkpoint() -> None:
+        storage = Path(out).parent / "ray-results"
+        while not any(storage.glob("*/checkpoint_*")):
+            time.sleep(0.2)
+        cluster.remove_node(doomed)
+        removed.append(time.time())
+        cluster.add_node(num_cpus=1)  # the replacement
+
+    threading.Thread(target=remove_node_after_first_checkpoint, daemon=True).start()
+    # 0.75 CPU each: the two workers cannot share a 1-CPU node, so one runs on `doomed`
+    fit(config, workers=2, cpus_per_worker=0.75, max_failures=2)
+    records = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    print(json.dumps({"removed": bool(removed), "iterations": [r["iteration"] for r in records]}))
+    ray.shutdown()
+    cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
