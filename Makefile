@@ -16,14 +16,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# The main job: prepare the embedded synthetic default, meta-train MELO and MAML briefly,
-# score both (and the reference points) on the test users.
+# The main job: prepare the embedded synthetic default, meta-train MELO and MAML briefly with
+# local Ray and 2 workers, score both (and the reference points) on the test users.
 run: install
 	$(BIN)/melo-dist prepare --source synthetic --out $(DATA) --test-users 400 --overwrite
-	rm -rf runs/synthetic-melo runs/synthetic-maml
-	$(BIN)/melo-dist train --config configs/synthetic.yaml --set data.path=$(DATA) \
+	rm -rf runs/synthetic-melo runs/synthetic-maml runs/ray-results
+	$(BIN)/melo-dist train --config configs/synthetic.yaml --workers 2 --set data.path=$(DATA) \
 		--set meta.regime=melo --set run.out=runs/synthetic-melo
-	$(BIN)/melo-dist train --config configs/synthetic.yaml --set data.path=$(DATA) \
+	$(BIN)/melo-dist train --config configs/synthetic.yaml --workers 2 --set data.path=$(DATA) \
 		--set meta.regime=maml --set run.out=runs/synthetic-maml
 	$(BIN)/melo-dist evaluate --checkpoint runs/synthetic-melo --checkpoint runs/synthetic-maml \
 		--split test
