@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from oracle import oracle_meta_step
 from torch import nn
 
 from melo_dist.config import BACKBONES, Config
-from melo_dist.data.tasks import TaskBatch, TaskRows, WindowSpec, sample_tasks
+from melo_dist.data.synthetic import random_task_rows
+from melo_dist.data.tasks import TaskBatch, WindowSpec, sample_tasks
 from melo_dist.meta import build_learner
 from melo_dist.meta.step import meta_step, predict_targets, step_importance
 
@@ -31,15 +31,7 @@ def small_config(backbone: str, regime: str, **meta) -> Config:
 
 
 def small_batch(tasks: int = 3, seed: int = 0, dtype=torch.float64) -> TaskBatch:
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(4, 14, size=tasks)
-    offsets = np.r_[0, np.cumsum(lengths)]
-    rows = TaskRows(
-        np.array([f"u{i}" for i in range(tasks)], dtype=object),
-        rng.integers(1, ITEMS + 1, size=offsets[-1]),
-        rng.integers(1, 6, size=offsets[-1]).astype(np.float32),
-        offsets,
-    )
+    rows = random_task_rows(tasks, ITEMS, (4, 14), seed)
     batch = sample_tasks(rows, WindowSpec(length=8, support=4, query=2), seed=seed, train=True)
     return TaskBatch(
         batch.support_items,

@@ -14,11 +14,11 @@ import resource
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from melo_dist.config import Config
-from melo_dist.data.tasks import TaskRows, WindowSpec, sample_tasks
+from melo_dist.data.synthetic import random_task_rows
+from melo_dist.data.tasks import WindowSpec, sample_tasks
 from melo_dist.errors import InputError
 from melo_dist.meta import build_learner
 from melo_dist.meta.step import meta_step
@@ -38,15 +38,7 @@ def load_oracle():
 
 def reference_batch(tasks: int, items: int, seed: int = 0):
     """Tasks with 30+ interactions each, so every task has 25 support and 3 query windows."""
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(30, 120, size=tasks)
-    offsets = np.r_[0, np.cumsum(lengths)]
-    rows = TaskRows(
-        np.array([f"u{i}" for i in range(tasks)], dtype=object),
-        rng.integers(1, items + 1, size=offsets[-1]),
-        rng.integers(1, 6, size=offsets[-1]).astype(np.float32),
-        offsets,
-    )
+    rows = random_task_rows(tasks, items, (30, 120), seed)
     return sample_tasks(rows, WindowSpec(), seed=seed, train=True)
 
 

@@ -70,3 +70,18 @@ def generate_ratings(spec: SyntheticSpec = SyntheticSpec()) -> pd.DataFrame:
             "timestamp": timestamps.astype(np.int64),
         }
     )
+
+
+def random_task_rows(tasks: int, items: int, lengths: tuple[int, int], seed: int = 0):
+    """Uniformly random users (items, 1..5 ratings, lengths in [low, high)): benchmark and test
+    inputs whose only job is to have a given shape."""
+    from melo_dist.data.tasks import TaskRows
+
+    rng = np.random.default_rng(seed)
+    offsets = np.r_[0, np.cumsum(rng.integers(*lengths, size=tasks))]
+    return TaskRows(
+        np.array([f"u{i}" for i in range(tasks)], dtype=object),
+        rng.integers(1, items + 1, size=offsets[-1]),
+        rng.integers(1, 6, size=offsets[-1]).astype(np.float32),
+        offsets,
+    )
