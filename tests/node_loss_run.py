@@ -29,21 +29,29 @@ def main(data_dir: str, out: str) -> None:
     config.model.max_length, config.model.encoder_hidden = 10, 8
     config.meta.tasks_per_batch, config.meta.inner_steps = 4, 1
     config.optim.iterations, config.run.validate_every, config.run.out = 8, 2, out
-    removed = []
+    outcome: dict = {}
 
-    def remove_node_after_first_checkpoint() -> None:
-        storage = Path(out).parent / "ray-results"
-        while not any(storage.glob("*/checkpoint_*")):
-            time.sleep(0.2)
+    def train() -> None:
+        try:  # 0.75 CPU each: the two workers cannot share a 1-CPU node, one runs on `doomed`
+            fit(config, workers=2, cpus_per_worker=0.75, max_failures=2)
+        except BaseException as error:  # re-raised in the main thread
+            outcome["error"] = error
+
+    # Ray's node start-up needs the main thread (signal handlers): train in a thread instead.
+    trainer = threading.Thread(target=train)
+    trainer.start()
+    storage = Path(out).parent / "ray-results"
+    while trainer.is_alive() and not any(storage.glob("*/checkpoint_*")):
+        time.sleep(0.2)
+    removed = trainer.is_alive()
+    if removed:
         cluster.remove_node(doomed)
-        removed.append(time.time())
-        cluster.add_node(num_cpus=1)  # the replacement
-
-    threading.Thread(target=remove_node_after_first_checkpoint, daemon=True).start()
-    # 0.75 CPU each: the two workers cannot share a 1-CPU node, so one runs on `doomed`
-    fit(config, workers=2, cpus_per_worker=0.75, max_failures=2)
+        cluster.add_node(num_cpus=1)  # the replacement, as the autoscaler would bring
+    trainer.join()
+    if "error" in outcome:
+        raise outcome["error"]
     records = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    print(json.dumps({"removed": bool(removed), "iterations": [r["iteration"] for r in records]}))
+    print(json.dumps({"removed": removed, "iterations": [r["iteration"] for r in records]}))
     ray.shutdown()
     cluster.shutdown()
 

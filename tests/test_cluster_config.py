@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import jsonschema
+import pytest
 import ray.autoscaler
 import yaml
 
@@ -19,6 +20,13 @@ def load_cluster() -> dict:
 def test_cluster_yaml_matches_rays_schema():
     schema_path = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
     jsonschema.validate(load_cluster(), json.loads(schema_path.read_text()))
+
+
+def test_schema_check_catches_a_bad_config():
+    schema_path = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
+    broken = {**load_cluster(), "max_worker": 8}  # misspelt key
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, json.loads(schema_path.read_text()))
 
 
 def test_cluster_yaml_shape():
