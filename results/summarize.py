@@ -1,6 +1,6 @@
 """Write results/ml1m-subset.md from the evaluation files of results/run_ml1m.sh.
 
-    python results/summarize.py RUNS_DIR ITERATIONS > results/ml1m-subset.md
+python results/summarize.py RUNS_DIR ITERATIONS > results/ml1m-subset.md
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ REFERENCES = ("global mean", "item mean", "support mean", "bias model")
 
 def load(runs: Path, backbone: str) -> dict[str, dict]:
     lines = (runs / f"test-{backbone}.txt").read_text().splitlines()
-    return {record["model"]: record for record in map(json.loads, filter(
-        lambda line: line.startswith("{"), lines))}
+    return {
+        record["model"]: record
+        for record in map(json.loads, filter(lambda line: line.startswith("{"), lines))
+    }
 
 
 def model_key(name: str) -> tuple[str, str]:
@@ -27,8 +29,9 @@ def model_key(name: str) -> tuple[str, str]:
 
 
 def row(name: str, m: dict, classes: list[str]) -> str:
-    cells = [f"{m['rmse']:.4f}", f"{m['mae']:.4f}"] + [f"{m.get('rmse_' + c, float('nan')):.3f}"
-                                                      for c in classes]
+    cells = [f"{m['rmse']:.4f}", f"{m['mae']:.4f}"] + [
+        f"{m.get('rmse_' + c, float('nan')):.3f}" for c in classes
+    ]
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
@@ -62,25 +65,43 @@ def main(runs_dir: str, iterations: str) -> None:
     sasrec_seeds: dict[str, list[float]] = {"maml": [], "melo": []}
     for backbone in BACKBONES:
         results = load(runs, backbone)
-        classes = sorted({k[5:] for m in results.values() for k in m if k.startswith("rmse_")},
-                         key=float)
-        out += [f"## {backbone}", "",
-                "| model | RMSE | MAE | " + " | ".join(f"RMSE r={c}" for c in classes) + " |",
-                "|---|---|---|" + "---|" * len(classes)]
+        classes = sorted(
+            {k[5:] for m in results.values() for k in m if k.startswith("rmse_")}, key=float
+        )
+        out += [
+            f"## {backbone}",
+            "",
+            "| model | RMSE | MAE | " + " | ".join(f"RMSE r={c}" for c in classes) + " |",
+            "|---|---|---|" + "---|" * len(classes),
+        ]
         for name, metrics in results.items():
             if name in REFERENCES:
                 continue
             regime, seed = model_key(name)
-            out.append(row(f"{regime} (seed {seed[1:]})" if regime != "basic" else "basic",
-                           metrics, classes))
+            out.append(
+                row(
+                    f"{regime} (seed {seed[1:]})" if regime != "basic" else "basic",
+                    metrics,
+                    classes,
+                )
+            )
             if backbone == "sasrec" and regime in sasrec_seeds:
                 sasrec_seeds[regime].append(metrics["rmse"])
         for name in REFERENCES:
             out.append(row(f"*{name}*", results[name], classes))
         users = next(iter(results.values()))
-        out += ["| users per class | | | " + " | ".join(
-            str(users.get("users_" + c, 0)) for c in classes) + " |", ""]
-    out += ["## SASRec over seeds", "", "| regime | seeds | test RMSE mean | std |", "|---|---|---|---|"]
+        out += [
+            "| users per class | | | "
+            + " | ".join(str(users.get("users_" + c, 0)) for c in classes)
+            + " |",
+            "",
+        ]
+    out += [
+        "## SASRec over seeds",
+        "",
+        "| regime | seeds | test RMSE mean | std |",
+        "|---|---|---|---|",
+    ]
     for regime, values in sasrec_seeds.items():
         if values:
             std = statistics.stdev(values) if len(values) > 1 else 0.0
