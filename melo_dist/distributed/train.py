@@ -56,7 +56,7 @@ def average(grads: dict[str, torch.Tensor], loss: torch.Tensor) -> tuple[dict, f
     return out, float(flat[-1])
 
 
-def in_lockstep(batches: Iterable[dict]) -> Iterator[dict]:
+def in_lockstep(batches: Iterable[dict], device: torch.device) -> Iterator[dict]:
     """Yield batches while every rank still has one; all ranks stop together.
 
     Ray Data's equal split makes shards equal, but a rank that ran out while another still
@@ -67,7 +67,7 @@ def in_lockstep(batches: Iterable[dict]) -> Iterator[dict]:
     while True:
         batch = next(iterator, None)
         if distributed():
-            have = torch.tensor([0 if batch is None else 1])
+            have = torch.tensor([0 if batch is None else 1], device=device)
             dist.all_reduce(have, op=dist.ReduceOp.MIN)
             if have.item() == 0:
                 return
@@ -105,7 +105,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             local_shuffle_buffer_size=4 * per_rank,
             local_shuffle_seed=config.run.seed * 7919 + epoch * 31 + rank,
         )
-        for rows in in_lockstep(batches):
+        for rows in in_lockstep(batches, run.device):
             tasks = TaskRows.from_lists(rows["user_id"], rows["item_id"], rows["rating"])
             batch = sample_tasks(tasks, run.data.spec, seed=run.batch_seed(), train=True)
             loss, grads = run.gradients(batch)
@@ -147,6 +147,7 @@ def fit(
 ) -> dict:
     """Meta-train on Ray; copies the final checkpoint files into config.run.out and returns the
     best validation record."""
+    config = Config.from_dict(config.to_dict())  # paths are made absolute below: work on a copy
     if config.meta.tasks_per_batch % workers:
         raise InputError(
             f"meta.tasks_per_batch ({config.meta.tasks_per_batch}) must be a "
@@ -164,6 +165,12 @@ def fit(
     ray.data.DataContext.get_current().enable_progress_bars = False
     tables = str(Path(config.data.path) / "tasks-train.parquet")
     train = ray.data.read_parquet(tables).select_columns(ROWS).materialize()
+    if train.count() < config.meta.tasks_per_batch:
+        raise InputError(
+            f"{train.count()} training users cannot fill a meta-batch of "
+            f"{config.meta.tasks_per_batch} tasks",
+            path=tables,
+        )
     if cpus_per_worker is None:  # leave half a CPU for Ray Data and the controller
         cpus = ray.cluster_resources().get("CPU", 1.0)
         cpus_per_worker = max(0.25, min(1.0, (cpus - 0.5) / workers))
