@@ -17,8 +17,6 @@ from melo_dist.training.evaluate import (
 )
 from melo_dist.training.loop import load_dataset
 
-SPLITS = ("train", "valid", "test")
-
 
 def evaluate_checkpoints(
     paths: list[str], split: str = "test", data_path: str | None = None, references: bool = True
