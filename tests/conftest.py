@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from melo_dist.config import Config
 from melo_dist.data.prepare import PrepareSettings, prepare
 from melo_dist.data.synthetic import SyntheticSpec, generate_ratings
 from melo_dist.paths import shared_data_dir
@@ -18,6 +19,24 @@ def shared_file(relative: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data file {path} is absent (set MELO_DATA_DIR to the data folder)")
     return path
+
+
+def tiny_config(
+    data_dir, out, iterations: int = 6, *, tasks: int = 4, validate_every: int = 2, **meta
+) -> Config:
+    """A seconds-fast run: tiny GRU4Rec, short windows, no dropout (runs compare exactly)."""
+    config = Config()
+    config.data.path, config.data.valid_users = str(data_dir), 30
+    config.data.window, config.data.support, config.data.query = 10, 4, 2
+    config.model.backbone, config.model.dim, config.model.heads = "gru4rec", 8, 2
+    config.model.max_length, config.model.encoder_hidden, config.model.dropout = 10, 8, 0.0
+    config.meta.tasks_per_batch, config.meta.inner_steps = tasks, 2
+    config.meta.multi_step_iterations = 2
+    for key, value in meta.items():
+        setattr(config.meta, key, value)
+    config.optim.iterations = iterations
+    config.run.out, config.run.validate_every, config.run.log_every = str(out), validate_every, 1
+    return config.validate()
 
 
 def write(path: Path, content: str | bytes) -> Path:

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import ray
+from conftest import tiny_config  # this script lives in tests/, beside conftest
 from ray.cluster_utils import Cluster
 
-from melo_dist.config import Config
 from melo_dist.distributed.train import fit
 
 
@@ -22,13 +22,7 @@ def main(data_dir: str, out: str) -> None:
     cluster.add_node(num_cpus=1)
     doomed = cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, log_to_driver=False)
-    config = Config()
-    config.data.path, config.data.valid_users = data_dir, 30
-    config.data.window, config.data.support, config.data.query = 10, 4, 2
-    config.model.backbone, config.model.dim, config.model.heads = "gru4rec", 8, 2
-    config.model.max_length, config.model.encoder_hidden = 10, 8
-    config.meta.tasks_per_batch, config.meta.inner_steps = 4, 1
-    config.optim.iterations, config.run.validate_every, config.run.out = 8, 2, out
+    config = tiny_config(data_dir, out, iterations=8, inner_steps=1)
     outcome: dict = {}
 
     def train() -> None:

@@ -15,25 +15,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import tiny_config
 
-from melo_dist.config import Config
 from melo_dist.distributed.train import fit
 from melo_dist.training.checkpoint import LAST, load_checkpoint
 
 pytestmark = pytest.mark.slow
-
-
-def ray_config(data_dir, out, iterations: int, tasks: int = 16) -> Config:
-    config = Config()
-    config.data.path, config.data.valid_users = str(data_dir), 30
-    config.data.window, config.data.support, config.data.query = 10, 4, 2
-    config.model.backbone, config.model.dim, config.model.heads = "gru4rec", 8, 2
-    config.model.max_length, config.model.encoder_hidden, config.model.dropout = 10, 8, 0.0
-    config.meta.tasks_per_batch, config.meta.inner_steps = tasks, 2
-    config.meta.multi_step_iterations = 2
-    config.optim.iterations = iterations
-    config.run.out, config.run.validate_every = str(out), 2
-    return config.validate()
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +34,16 @@ def sixteen_users(synthetic_dir, tmp_path_factory):
 
 
 def test_two_workers_of_8_equal_one_worker_of_16(ray_session, sixteen_users, tmp_path):
-    fit(ray_config(sixteen_users, tmp_path / "one", iterations=4), workers=1, cpus_per_worker=0.5)
-    fit(ray_config(sixteen_users, tmp_path / "two", iterations=4), workers=2, cpus_per_worker=0.5)
+    fit(
+        tiny_config(sixteen_users, tmp_path / "one", iterations=4, tasks=16),
+        workers=1,
+        cpus_per_worker=0.5,
+    )
+    fit(
+        tiny_config(sixteen_users, tmp_path / "two", iterations=4, tasks=16),
+        workers=2,
+        cpus_per_worker=0.5,
+    )
     one = load_checkpoint(tmp_path / "one" / LAST)
     two = load_checkpoint(tmp_path / "two" / LAST)
     assert one["iteration"] == two["iteration"] == 4
@@ -86,7 +81,7 @@ def kill_a_worker_after_first_checkpoint(storage, killed: list) -> None:
 def test_recovers_from_a_killed_worker(ray_session, synthetic_dir, tmp_path):
     iterations = 8
     fit(
-        ray_config(synthetic_dir, tmp_path / "clean", iterations, tasks=4),
+        tiny_config(synthetic_dir, tmp_path / "clean", iterations),
         workers=2,
         cpus_per_worker=0.5,
     )
@@ -96,7 +91,7 @@ def test_recovers_from_a_killed_worker(ray_session, synthetic_dir, tmp_path):
     )
     killer.start()
     best = fit(
-        ray_config(synthetic_dir, tmp_path / "crashed", iterations, tasks=4),
+        tiny_config(synthetic_dir, tmp_path / "crashed", iterations),
         workers=2,
         cpus_per_worker=0.5,
         max_failures=1,

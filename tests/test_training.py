@@ -7,29 +7,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 
 from melo_dist.cli import main
-from melo_dist.config import Config, load_config
+from melo_dist.config import load_config
 from melo_dist.errors import InputError
 from melo_dist.training.checkpoint import BEST, LAST, load_checkpoint
 from melo_dist.training.evaluate import Targets, score
 from melo_dist.training.loop import train_local
 from melo_dist.training.report import evaluate_checkpoints
-
-
-def tiny_config(data_dir, out, iterations: int = 6, **meta) -> Config:
-    config = Config()
-    config.data.path, config.data.valid_users = str(data_dir), 40
-    config.data.window, config.data.support, config.data.query = 10, 4, 2
-    config.model.backbone, config.model.dim, config.model.heads = "gru4rec", 8, 2
-    config.model.max_length, config.model.encoder_hidden = 10, 8
-    config.meta.tasks_per_batch, config.meta.inner_steps = 4, 2
-    config.meta.multi_step_iterations = 3
-    for key, value in meta.items():
-        setattr(config.meta, key, value)
-    config.optim.iterations = iterations
-    config.run.out, config.run.validate_every, config.run.log_every = str(out), 3, 1
-    return config.validate()
 
 
 class Crash(Exception):
@@ -42,11 +28,19 @@ def crash_after_iteration_3(message: str) -> None:
 
 
 def test_resume_continues_exactly(synthetic_dir, tmp_path):
-    train_local(tiny_config(synthetic_dir, tmp_path / "straight"), log=lambda message: None)
+    train_local(
+        tiny_config(synthetic_dir, tmp_path / "straight", validate_every=3),
+        log=lambda message: None,
+    )
     with pytest.raises(Crash):
-        train_local(tiny_config(synthetic_dir, tmp_path / "resumed"), log=crash_after_iteration_3)
+        train_local(
+            tiny_config(synthetic_dir, tmp_path / "resumed", validate_every=3),
+            log=crash_after_iteration_3,
+        )
     messages = []
-    train_local(tiny_config(synthetic_dir, tmp_path / "resumed"), log=messages.append)
+    train_local(
+        tiny_config(synthetic_dir, tmp_path / "resumed", validate_every=3), log=messages.append
+    )
     assert any("resuming" in m and "iteration 3" in m for m in messages)
 
     a, b = (
@@ -64,7 +58,7 @@ def test_resume_continues_exactly(synthetic_dir, tmp_path):
 
 
 def test_training_writes_checkpoints_and_improves(synthetic_dir, tmp_path):
-    config = tiny_config(synthetic_dir, tmp_path / "run", iterations=12)
+    config = tiny_config(synthetic_dir, tmp_path / "run", iterations=12, validate_every=3)
     best = train_local(config, log=lambda message: None)
     state = load_checkpoint(tmp_path / "run" / BEST)
     assert state["best_rmse"] == pytest.approx(best["valid_rmse"])
@@ -92,7 +86,9 @@ def test_training_writes_checkpoints_and_improves(synthetic_dir, tmp_path):
 def test_every_regime_trains_and_evaluates(synthetic_dir, tmp_path):
     paths = []
     for regime in ("basic", "maml", "melo", "focal", "class_balanced", "stats_mlp"):
-        config = tiny_config(synthetic_dir, tmp_path / regime, iterations=3, regime=regime)
+        config = tiny_config(
+            synthetic_dir, tmp_path / regime, iterations=3, validate_every=3, regime=regime
+        )
         train_local(config, log=lambda message: None)
         paths.append(str(tmp_path / regime))
     results = evaluate_checkpoints(paths, "test")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +23,6 @@ def run(options: list[str]) -> tuple[str, list, dict]:
     path = Path(args.path) if args.path else shared_data_dir() / "ml-1m-users1-2999/ratings.dat.gz"
     if not path.exists():
         raise InputError("benchmark input not found (set MELO_DATA_DIR or pass --path)", path=path)
-    os.environ["OMP_NUM_THREADS"] = "1"
     pa.set_cpu_count(1)  # arrow's csv reader is multi-threaded by default
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()

@@ -199,7 +199,7 @@ def fit(
     return best_record(out)
 
 
-def connect(**init_kwargs) -> None:
+def connect() -> None:
     """Join the cluster named by RAY_ADDRESS, or start a local Ray instance when there is none."""
     if not ray.is_initialized():
-        ray.init(**init_kwargs)
+        ray.init()
