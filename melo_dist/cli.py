@@ -124,6 +124,46 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(json.dumps({"event": "evaluation", "split": args.split, "model": name, **metrics}))
 
 
+def cmd_tune(args: argparse.Namespace) -> None:
+    from melo_dist.sweeps.report import write_outputs
+    from melo_dist.sweeps.space import load_space
+
+    space = load_space(args.space, args.set or [])
+    if args.trials < 1:
+        raise InputError(f"--trials must be at least 1, got {args.trials}")
+    from melo_dist.distributed.train import connect
+    from melo_dist.distributed.tune import SweepInterrupted, sweep
+
+    connect()
+    out = Path(args.out)
+    try:
+        records = sweep(space, args.trials, out, storage=args.storage)
+    except SweepInterrupted as interrupted:
+        log(str(interrupted))
+        raise SystemExit(130) from None
+    table = write_outputs(records, space, out)
+    shown = table.drop(columns=["error", "checkpoint"]).head(10)
+    print(f"sweep of {len(table)} trials, best first (all in {out / 'results.csv'}):")
+    print(shown.to_string(index=False, float_format=lambda value: f"{value:.4g}"))
+    errored = table[table["status"] == "errored"]
+    for _, row in errored.iterrows():
+        log(f"trial {row['trial']} errored: {row['error']}")
+    best = table.iloc[0]
+    print(
+        json.dumps(
+            {
+                "event": "sweep_done",
+                "out": str(out),
+                "trials": len(table),
+                "errored": len(errored),
+                "stopped_early": int((table["status"] == "stopped early").sum()),
+                "best_trial": best["trial"],
+                "best_valid_rmse": float(best["best_valid_rmse"]),
+            }
+        )
+    )
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from melo_dist.bench import run_benchmark
 
@@ -199,6 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-references", action="store_true", help="skip the four reference points"
     )
     evaluate.set_defaults(run=cmd_evaluate)
+
+    sweep = commands.add_parser("tune", help="a Ray Tune + Optuna sweep over a YAML space")
+    sweep.add_argument("--space", required=True, help="sweep space YAML (see tune/spaces/)")
+    sweep.add_argument("--trials", type=int, required=True, help="trials to run")
+    sweep.add_argument(
+        "--out", required=True, help="results.csv, best.yaml, plots; re-run to resume"
+    )
+    sweep.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="fix one config value in every trial; repeatable",
+    )
+    sweep.add_argument("--storage", help="Ray storage_path (shared storage on a cluster)")
+    sweep.set_defaults(run=cmd_tune)
 
     bench = commands.add_parser("bench", help="run a benchmark: a table, then one JSON line")
     bench.add_argument("name")

@@ -174,28 +174,50 @@ def coerce(value: Any, kind: type, key: str) -> Any:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file, then `section.key=value` overrides (YAML-parsed values)."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise InputError("config file not found", path=path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            raise InputError(
-                f"invalid YAML: {getattr(error, 'problem', error)}",
-                path=path,
-                line=mark.line + 1 if mark else None,
-            ) from None
+    raw = (read_yaml(path) or {}) if path is not None else {}
+    if not isinstance(raw, dict):
+        raise InputError("a config file must be a mapping of sections", path=path)
+    source = str(path) if path else "config"
+    return Config.from_dict(with_values(raw, parse_overrides(overrides), "override"), source)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """['meta.inner_steps=2'] -> {'meta.inner_steps': 2} (values parsed as YAML)."""
+    values = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or key.count(".") != 1:
             raise InputError(f"override {item!r} must look like section.key=value")
+        values[key] = yaml.safe_load(text) if text else ""
+    return values
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's content; a missing file or a syntax error names the file (and line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("file not found", path=path)
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        raise InputError(
+            f"invalid YAML: {getattr(error, 'problem', error)}",
+            path=path,
+            line=mark.line + 1 if mark else None,
+        ) from None
+
+
+def with_values(raw: dict, values: dict[str, Any], what: str) -> dict:
+    """A copy of a raw config mapping with `section.key` values set (checked later by
+    `Config.from_dict`, which names any unknown key)."""
+    raw = {section: dict(keys) if isinstance(keys, dict) else keys for section, keys in raw.items()}
+    for key, value in values.items():
+        if not isinstance(key, str) or key.count(".") != 1:
+            raise InputError(f"{what} {key!r} must name a config key as section.key")
         section, name = key.split(".")
-        value = yaml.safe_load(text) if text else ""
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
-            raise InputError(f"override {item!r}: section {section!r} is not a mapping")
+            raise InputError(f"{what} {key!r}: section {section!r} is not a mapping")
         raw[section][name] = value
-    return Config.from_dict(raw, source=str(path) if path else "config")
+    return raw

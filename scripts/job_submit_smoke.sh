@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# `ray job submit` for real: start a local head, submit a short 2-worker training job, wait for
-# SUCCEEDED, check the artifacts, stop the head. Run by `make test` before pytest (the head
-# must not share the machine with the test session's Ray: `ray stop` stops every Ray process).
+# `ray job submit` for real: start a local head, submit a short 2-worker training job and a
+# 2-trial sweep job, wait for SUCCEEDED, check the artifacts, stop the head. Run by `make test`
+# before pytest (the head must not share the machine with the test session's Ray: `ray stop`
+# stops every Ray process).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$PWD/.venv/bin
@@ -32,3 +33,15 @@ for artifact in best.pt last.pt metrics.jsonl; do
 done
 test "$(tail -n 1 "$work/run/metrics.jsonl" | python -c 'import json,sys; print(json.load(sys.stdin)["iteration"])')" = 4
 echo "[job-submit smoke] ok: job $id succeeded and wrote best.pt, last.pt, metrics.jsonl"
+
+# The sweep entry point as a job: two tiny trials of the smoke space.
+ray job submit --address "$address" --submission-id "$id-sweep" \
+  --runtime-env-json '{"working_dir": ".", "excludes": [".venv", ".git", "runs", "data"]}' \
+  -- python tune/sweep.py --space tune/spaces/smoke.yaml --trials 2 \
+  --set data.path="$work/data" --out "$work/sweep" > "$work/sweep.log" 2>&1 \
+  || { tail -n 40 "$work/sweep.log"; exit 1; }
+for artifact in results.csv best.yaml valid_rmse.png parameters.png; do
+  test -s "$work/sweep/$artifact" || { echo "missing sweep output $artifact"; exit 1; }
+done
+test "$(tail -n +2 "$work/sweep/results.csv" | wc -l)" = 2
+echo "[job-submit smoke] ok: sweep job $id-sweep ran 2 trials and wrote its table, best.yaml and plots"

@@ -61,13 +61,14 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance for the whole test session (started on first use)."""
+    """One local Ray instance for the whole test session (started on first use). With the
+    dashboard: sweeps need its state API to release finished trials' workers."""
     import ray
 
     ray.init(
         num_cpus=2,
         object_store_memory=200 * 1024**2,
-        include_dashboard=False,
+        include_dashboard=True,
         log_to_driver=False,
         configure_logging=False,
     )

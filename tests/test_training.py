@@ -14,7 +14,7 @@ from melo_dist.config import load_config
 from melo_dist.errors import InputError
 from melo_dist.training.checkpoint import BEST, LAST, load_checkpoint
 from melo_dist.training.evaluate import Targets, score
-from melo_dist.training.loop import train_local
+from melo_dist.training.loop import TrainingRun, load_dataset, train_local
 from melo_dist.training.report import evaluate_checkpoints
 
 
@@ -97,6 +97,21 @@ def test_every_regime_trains_and_evaluates(synthetic_dir, tmp_path):
     assert users == {120}  # the same targets for everyone
     for metrics in results.values():
         assert 0 < metrics["mae"] <= metrics["rmse"] < 4
+
+
+def test_a_non_finite_meta_loss_stops_training(synthetic_dir, tmp_path):
+    run = TrainingRun(
+        tiny_config(synthetic_dir, tmp_path), load_dataset(tiny_config(synthetic_dir, tmp_path))
+    )
+    loss, grads = run.gradients(run.sample_batch(4))
+    before = {name: p.detach().clone() for name, p in run.learner.named_parameters()}
+    with pytest.raises(FloatingPointError, match="meta-loss became nan at iteration 1"):
+        run.apply(grads, float("nan"))
+    assert run.iteration == 0
+    for name, param in run.learner.named_parameters():
+        assert torch.equal(param, before[name]), name  # no step was taken
+    run.apply(grads, float(loss))
+    assert run.iteration == 1
 
 
 def test_score_aggregates_per_user_then_over_users():

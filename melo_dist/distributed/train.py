@@ -110,7 +110,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             batch = sample_tasks(tasks, run.data.spec, seed=run.batch_seed(), train=True)
             loss, grads = run.gradients(batch)
             grads, loss = average(grads, loss)
-            run.apply(grads)
+            run.apply(grads, loss)
             losses.append(loss)
             steps_this_epoch += 1
             if run.at_checkpoint():
@@ -136,7 +136,7 @@ def report(run: TrainingRun, staging: Path, losses: list[float], seconds: float)
         ray.train.report({"iteration": run.iteration})
 
 
-def fit(
+def build_trainer(
     config: Config,
     workers: int,
     *,
@@ -144,15 +144,17 @@ def fit(
     use_gpu: bool = False,
     storage_path: str | None = None,
     max_failures: int = 0,
-) -> dict:
-    """Meta-train on Ray; copies the final checkpoint files into config.run.out and returns the
-    best validation record."""
-    config = Config.from_dict(config.to_dict())  # paths are made absolute below: work on a copy
+    callbacks: list | None = None,
+) -> TorchTrainer:
+    """The TorchTrainer of one distributed run, named after config.run.out (no timestamp, so a
+    restarted run finds its checkpoints). `callbacks`: Ray Train callbacks (a Tune trial passes
+    `TuneReportCallback`)."""
     if config.meta.tasks_per_batch % workers:
         raise InputError(
             f"meta.tasks_per_batch ({config.meta.tasks_per_batch}) must be a "
             f"multiple of the number of workers ({workers})"
         )
+    config = Config.from_dict(config.to_dict())  # paths are made absolute below: work on a copy
     data = Path(config.data.path)
     if data.exists():  # workers may run elsewhere in the file system: give them absolute paths
         config.data.path = str(data.resolve())
@@ -174,7 +176,7 @@ def fit(
     if cpus_per_worker is None:  # leave half a CPU for Ray Data and the controller
         cpus = ray.cluster_resources().get("CPU", 1.0)
         cpus_per_worker = max(0.25, min(1.0, (cpus - 0.5) / workers))
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "threads": max(1, round(cpus_per_worker))},
         scaling_config=ScalingConfig(
@@ -185,12 +187,19 @@ def fit(
             storage_path=storage_path or str(out.parent / "ray-results"),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
         datasets={"train": train},
     )
-    result = trainer.fit()
+
+
+def fit(config: Config, workers: int, **settings) -> dict:
+    """Meta-train on Ray (`settings`: those of `build_trainer`); copies the final checkpoint
+    files into config.run.out and returns the best validation record."""
+    result = build_trainer(config, workers, **settings).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint: {result.error}")
+    out = Path(config.run.out).resolve()
     with result.checkpoint.as_directory() as folder:
         out.mkdir(parents=True, exist_ok=True)
         for name in (LAST, "best.pt", METRICS):

@@ -116,7 +116,14 @@ class TrainingRun:
             meta.first_order,
         )
 
-    def apply(self, grads: dict[str, torch.Tensor]) -> None:
+    def apply(self, grads: dict[str, torch.Tensor], loss: float) -> None:
+        """One optimiser step with the (all-reduced) gradients. A non-finite meta-loss stops the
+        run: every later step, checkpoint and validation would be silently meaningless."""
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"the meta-loss became {loss} at iteration {self.iteration + 1}; "
+                "the learning rates (optim.lr, meta.inner_lr, optim.encoder_lr) are too high"
+            )
         for name, param in self.learner.named_parameters():
             param.grad = grads[name]
         torch.nn.utils.clip_grad_norm_(self.params["backbone"], self.config.optim.clip)
@@ -269,7 +276,7 @@ def train_local(config: Config, log: Callable[[str], None] = log_to_stderr) -> d
     losses, started = [], time.perf_counter()
     while run.iteration < total:
         loss, grads = run.gradients(run.sample_batch(tasks))
-        run.apply(grads)
+        run.apply(grads, float(loss))
         losses.append(float(loss))
         if run.at_checkpoint():
             log(run.checkpoint(out, losses, time.perf_counter() - started)["message"])

@@ -1,0 +1,200 @@
+"""Ray Tune glue for sweeps: Optuna's seeded TPE proposes, ASHA stops trials whose validation
+RMSE trails, and every trial is a full distributed training run (a trial function that builds
+and fits the `TorchTrainer`, reporting through `TuneReportCallback`). An interrupted sweep
+resumes with `Tuner.restore`; finished trials are kept, unfinished ones continue from their
+last checkpoint. Nothing algorithmic lives here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pandas as pd
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+from ray.util.state import list_nodes
+from ray.util.state.exception import RayStateApiException
+
+from melo_dist.config import Config
+from melo_dist.distributed.train import build_trainer
+from melo_dist.errors import InputError
+from melo_dist.sweeps.report import TrialRecord
+from melo_dist.sweeps.space import Distribution, SweepSpace
+from melo_dist.training.loop import load_dataset
+
+METRIC = "valid_rmse"
+SWEEP_FILE = "sweep.json"  # what this folder's sweep is: a resume must match it
+
+
+class SweepInterrupted(Exception):
+    """Tune stopped before every trial finished (Ctrl+C, SIGUSR1); its state is saved."""
+
+
+def run_trial(params: dict, space: SweepSpace, out: str, storage: str | None) -> None:
+    """One trial: the sweep's base config with these parameters, trained on Ray Train. Its
+    checkpoints stay in Ray Train's storage (results.csv names the last): Tune may stop the
+    trial as soon as its last result is in, so nothing is copied after `fit`."""
+    trial_id = tune.get_context().get_trial_id()
+    config = space.trial_config(params, Path(out) / "trials" / trial_id)
+    build_trainer(
+        config,
+        space.trial.workers,
+        cpus_per_worker=space.trial.cpus_per_worker,
+        use_gpu=space.trial.use_gpu,
+        storage_path=f"{storage}/{Path(out).name}-trials" if storage else str(Path(out) / "trials"),
+        max_failures=space.trial.max_failures,
+        callbacks=[TuneReportCallback()],
+    ).fit()
+
+
+def domain(dist: Distribution) -> tune.search.sample.Domain:
+    low, high = dist.values[0], dist.values[-1]
+    if dist.kind == "choice":
+        return tune.choice(dist.values)
+    if dist.kind == "uniform":
+        return tune.uniform(low, high)
+    if dist.kind == "loguniform":
+        return tune.loguniform(low, high)
+    return tune.randint(low, high + 1)  # the space's randint includes its high end
+
+
+def concurrency(space: SweepSpace) -> int:
+    """Trials that fit the cluster at once (a trial: its driver plus its workers)."""
+    if space.trial.concurrent:
+        return space.trial.concurrent
+    resources = ray.cluster_resources()
+    need = space.trial.driver_cpus + space.trial.workers * space.trial.cpus_per_worker
+    fits = int((resources.get("CPU", 1.0) - 0.5) // need)  # half a CPU for Ray Data reads
+    if space.trial.use_gpu:
+        fits = min(fits, int(resources.get("GPU", 0) // space.trial.workers))
+    return max(1, fits)
+
+
+def build_tuner(space: SweepSpace, trials: int, out: Path, storage: str | None) -> tune.Tuner:
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, space=space, out=str(out), storage=storage),
+        {"cpu": space.trial.driver_cpus, "gpu": 0},
+    )
+    experiment = storage or str(out / "ray")
+    path = f"{experiment.rstrip('/')}/{out.name}"
+    if tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
+    searcher = OptunaSearch(
+        metric=METRIC, mode="min", seed=space.seed, points_to_evaluate=space.initial or None
+    )
+    scheduler = ASHAScheduler(
+        time_attr="iteration",
+        metric=METRIC,
+        mode="min",
+        max_t=space.max_iterations,
+        grace_period=space.grace_iterations,
+        reduction_factor=space.scheduler.reduction_factor,
+    )
+    return tune.Tuner(
+        trainable,
+        param_space={key: domain(dist) for key, dist in space.search.items()},
+        tune_config=tune.TuneConfig(
+            trial_dirname_creator=trial_folder,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=trials,
+            max_concurrent_trials=concurrency(space),
+        ),
+        run_config=tune.RunConfig(
+            name=out.name,  # no timestamp: a re-run finds the sweep and resumes it
+            storage_path=experiment,
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            verbose=1,
+        ),
+    )
+
+
+def require_dashboard(wait_s: float = 20.0) -> None:
+    """Sweeps need the dashboard: a finished trial's Ray Train worker reservation is released
+    through its state API, and without it the next trial waits forever for CPUs (DESIGN §4)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            list_nodes(limit=1, timeout=10)
+            return
+        except RayStateApiException as error:
+            if time.monotonic() > deadline:  # it may still be starting: retry a little first
+                raise InputError(
+                    "this Ray cluster has no dashboard, which sweeps need to release each "
+                    "trial's workers (start it with the dashboard: `ray start --head "
+                    f"--include-dashboard=true`, ray[default]); the state API said: {error}"
+                ) from None
+            time.sleep(1.0)
+
+
+def sweep(space: SweepSpace, trials: int, out: str | Path, storage: str | None = None) -> list:
+    """Run (or resume) the sweep; returns one `TrialRecord` per trial."""
+    require_dashboard()
+    out = Path(out).resolve()
+    space = space.resolved()
+    load_dataset(Config.from_dict(space.base), with_train=False)  # fail now, not in N trials
+    identity = json.loads(
+        json.dumps({"space": space.to_dict(), "trials": trials, "storage": storage})
+    )
+    marker = out / SWEEP_FILE
+    if marker.exists() and json.loads(marker.read_text()) != identity:
+        raise InputError(
+            "holds a different sweep (space, trial count or storage); choose another --out",
+            path=out,
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(identity, indent=1))
+    grid = build_tuner(space, trials, out, storage).fit()
+    # After Ctrl+C, Tune returns normally; the state it saved tells what is still unfinished.
+    saved = tune.ExperimentAnalysis(grid.experiment_path, storage_filesystem=grid.filesystem)
+    ended = sum(trial.status in ("TERMINATED", "ERROR") for trial in saved.trials)
+    if ended < trials:
+        raise SweepInterrupted(
+            f"sweep interrupted with {ended} of {trials} trials finished; "
+            "run the same command again to resume it"
+        )
+    return [trial_record(number, result, space) for number, result in enumerate(grid)]
+
+
+def trial_folder(trial: tune.experiment.Trial) -> str:
+    return f"trial-{trial.trial_id}"  # short, and it names the trial's id
+
+
+def trial_record(number: int, result: tune.Result, space: SweepSpace) -> TrialRecord:
+    """What the sweep's outputs need from one Tune result, errored or not. The result grid
+    lists trials in launch order."""
+    with result.filesystem.open_input_stream(f"{result.path}/params.json") as stream:
+        params = json.loads(stream.read())  # Tune writes it when the trial starts
+    history = result.metrics_dataframe
+    if history is not None and METRIC in history:
+        history = history[["iteration", METRIC]].dropna().reset_index(drop=True)
+    else:
+        history = pd.DataFrame({"iteration": [], METRIC: []})
+    error = None
+    if result.error is not None:
+        lines = [line for line in str(result.error).splitlines() if line.strip()]
+        error = lines[-1] if lines else type(result.error).__name__
+    reached = int(history["iteration"].max()) if len(history) else 0
+    if error:
+        status = "errored"
+    else:
+        target = space.trial_config(params, out="-").optim.iterations
+        status = "completed" if reached >= target else "stopped early"  # by ASHA
+    best = float(history[METRIC].min()) if len(history) else math.nan
+    return TrialRecord(
+        trial=Path(result.path).name.removeprefix("trial-"),
+        number=number,
+        status=status,
+        best_valid_rmse=best,
+        iterations=reached,
+        params={key: params[key] for key in space.search},
+        history=history,
+        error=error,
+        checkpoint=result.metrics.get(CHECKPOINT_PATH_KEY, ""),
+    )
