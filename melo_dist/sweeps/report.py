@@ -8,8 +8,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
 import pandas as pd
 import yaml
+from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from melo_dist.errors import InputError
 from melo_dist.sweeps.space import SweepSpace
@@ -100,6 +102,7 @@ def plot_curves(records: list[TrialRecord], path: Path) -> None:
         low = min((b for b in best if not math.isnan(b)), default=0.0)
         trials.scatter(errored, [low] * len(errored), marker="x", color="red", label="errored")
     trials.set(xlabel="trial (launch order)", ylabel="best validation RMSE", title="sweep")
+    trials.xaxis.set_major_locator(MaxNLocator(integer=True))
     trials.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -109,32 +112,33 @@ def plot_curves(records: list[TrialRecord], path: Path) -> None:
 def plot_effects(table: pd.DataFrame, space: SweepSpace, path: Path) -> None:
     """One panel per searched parameter: its value against the trial's best validation RMSE."""
     plt = pyplot()
-    from matplotlib.ticker import NullFormatter
-
     keys = list(space.search)
     figure, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.4), squeeze=False)
     scored = table.dropna(subset=["best_valid_rmse"])
+    # ASHA-stopped trials are hollow: their best comes from a shorter run
+    styles = {"completed": {"color": "C0"}, "stopped early": {"facecolors": "none", "color": "C0"}}
     for axis, key in zip(axes[0], keys):
         dist = space.search[key]
-        values = scored[key]
+        labels = [str(v) for v in dist.values]
+        for status, style in styles.items():
+            rows = scored[scored["status"] == status]
+            x = [labels.index(str(v)) for v in rows[key]] if dist.kind == "choice" else rows[key]
+            axis.scatter(x, rows["best_valid_rmse"], label=status, **style)
         if dist.kind == "choice":  # categories at fixed positions, labelled
-            labels = [str(v) for v in dist.values]
-            axis.scatter([labels.index(str(v)) for v in values], scored["best_valid_rmse"])
             axis.set_xticks(range(len(labels)), labels)
-        else:
-            axis.scatter(values, scored["best_valid_rmse"])
-            if dist.kind == "loguniform":
-                axis.set_xscale("log")
-                axis.xaxis.set_minor_formatter(NullFormatter())  # no overlapping minor labels
+        elif dist.kind == "randint":
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        elif dist.kind == "loguniform":
+            axis.set_xscale("log")
+            axis.xaxis.set_minor_formatter(NullFormatter())  # no overlapping minor labels
         axis.set(xlabel=key, ylabel="best validation RMSE")
+    axes[0][0].legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
 def pyplot():
-    import matplotlib
-
     matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
     import matplotlib.pyplot as plt
 
