@@ -104,6 +104,17 @@ def test_cli_rejects_a_bad_space_before_starting_ray(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_an_out_folder_of_another_sweep_is_refused_before_ray_starts(synthetic_dir, tmp_path):
+    from melo_dist.distributed.tune import SWEEP_FILE, sweep
+
+    space = load_space(space_file(tmp_path), [f"data.path={synthetic_dir}"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / SWEEP_FILE).write_text('{"space": {}, "trials": 3, "storage": null}')
+    with pytest.raises(InputError, match="holds a different sweep"):
+        sweep(space, 3, out)
+
+
 def record(number: int, best: float, lr: float, status: str = "completed", error=None):
     history = pd.DataFrame({"iteration": [2, 4], "valid_rmse": [best + 0.1, best]})
     if math.isnan(best):

@@ -135,7 +135,6 @@ def require_dashboard(wait_s: float = 20.0) -> None:
 
 def sweep(space: SweepSpace, trials: int, out: str | Path, storage: str | None = None) -> list:
     """Run (or resume) the sweep; returns one `TrialRecord` per trial."""
-    require_dashboard()
     out = Path(out).resolve()
     space = space.resolved()
     load_dataset(Config.from_dict(space.base), with_train=False)  # fail now, not in N trials
@@ -148,6 +147,7 @@ def sweep(space: SweepSpace, trials: int, out: str | Path, storage: str | None =
             "holds a different sweep (space, trial count or storage); choose another --out",
             path=out,
         )
+    require_dashboard()
     out.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(identity, indent=1))
     grid = build_tuner(space, trials, out, storage).fit()
