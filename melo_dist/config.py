@@ -174,9 +174,7 @@ def coerce(value: Any, kind: type, key: str) -> Any:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file, then `section.key=value` overrides (YAML-parsed values)."""
-    raw = (read_yaml(path) or {}) if path is not None else {}
-    if not isinstance(raw, dict):
-        raise InputError("a config file must be a mapping of sections", path=path)
+    raw = read_config_file(path) if path is not None else {}
     source = str(path) if path else "config"
     return Config.from_dict(with_values(raw, parse_overrides(overrides), "override"), source)
 
@@ -190,6 +188,14 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise InputError(f"override {item!r} must look like section.key=value")
         values[key] = yaml.safe_load(text) if text else ""
     return values
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A config YAML file as a raw mapping of sections (checked by `Config.from_dict`)."""
+    raw = read_yaml(path) or {}
+    if not isinstance(raw, dict) or not all(isinstance(v, dict | None) for v in raw.values()):
+        raise InputError("a config file must be a mapping of sections (mappings)", path=path)
+    return raw
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -211,13 +217,10 @@ def read_yaml(path: str | Path) -> Any:
 def with_values(raw: dict, values: dict[str, Any], what: str) -> dict:
     """A copy of a raw config mapping with `section.key` values set (checked later by
     `Config.from_dict`, which names any unknown key)."""
-    raw = {section: dict(keys) if isinstance(keys, dict) else keys for section, keys in raw.items()}
+    raw = {section: dict(keys or {}) for section, keys in raw.items()}  # `data:` alone is empty
     for key, value in values.items():
         if not isinstance(key, str) or key.count(".") != 1:
             raise InputError(f"{what} {key!r} must name a config key as section.key")
         section, name = key.split(".")
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
-            raise InputError(f"{what} {key!r}: section {section!r} is not a mapping")
-        raw[section][name] = value
+        raw.setdefault(section, {})[name] = value
     return raw

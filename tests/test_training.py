@@ -152,6 +152,13 @@ def test_config_errors_name_the_key(tmp_path):
     good.write_text("meta:\n  regime: maml\noptim:\n  lr: 1e-4\n")
     config = load_config(good, ["meta.inner_steps=5"])
     assert (config.meta.regime, config.meta.inner_steps, config.optim.lr) == ("maml", 5, 1e-4)
+    empty_section = tmp_path / "empty.yaml"
+    empty_section.write_text("data:\nmeta: {regime: maml}\n")  # `data:` alone: an empty section
+    assert load_config(empty_section, ["data.path=elsewhere"]).data.path == "elsewhere"
+    scalar_section = tmp_path / "scalar.yaml"
+    scalar_section.write_text("data: 5\n")
+    with pytest.raises(InputError, match=r"scalar.yaml: a config file must be a mapping"):
+        load_config(scalar_section)
 
 
 def test_cli_train_and_evaluate(synthetic_dir, tmp_path, capsys):

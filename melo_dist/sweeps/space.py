@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from melo_dist.config import Config, build_section, coerce, parse_overrides, read_yaml, with_values
+from melo_dist.config import (
+    Config,
+    build_section,
+    coerce,
+    parse_overrides,
+    read_config_file,
+    read_yaml,
+    with_values,
+)
 from melo_dist.errors import InputError
 
 KINDS = ("choice", "uniform", "loguniform", "randint")
@@ -105,11 +113,7 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> SweepSpace:
         raise InputError(f"unknown key(s) {sorted(unknown)}; known: {sorted(known)}", path=path)
 
     trial = settings(TrialSettings, raw, "trial", where)
-    base: dict = {}
-    if raw.get("base"):
-        base = read_yaml(raw["base"]) or {}
-        if not isinstance(base, dict):
-            raise InputError("a config file must be a mapping of sections", path=raw["base"])
+    base = read_config_file(raw["base"]) if raw.get("base") else {}
     fixed = {**mapping(raw, "fixed", where), **parse_overrides(overrides)}
     base = with_values(base, fixed, "fixed key")
     check(base, where, "base and fixed values", trial.workers)
