@@ -51,6 +51,17 @@ def test_trial_config_layers_base_fixed_and_parameters(tmp_path):
     assert space.max_iterations == 8 and space.grace_iterations == 4  # two validations
 
 
+def test_set_reaches_trial_and_scheduler_settings_and_refuses_searched_keys(tmp_path):
+    path = space_file(tmp_path)
+    space = load_space(path, ["trial.workers=4", "scheduler.reduction_factor=3", "run.seed=7"])
+    assert (space.trial.workers, space.scheduler.reduction_factor) == (4, 3)
+    assert space.trial_config({}, "x").run.seed == 7
+    with pytest.raises(InputError, match=r"--set meta.inner_lr: meta.inner_lr is searched"):
+        load_space(path, ["meta.inner_lr=0.1"])
+    with pytest.raises(InputError, match=r"trial.workers is out of range"):
+        load_space(path, ["trial.workers=0"])
+
+
 def test_resolved_makes_the_data_path_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     space = load_space(space_file(tmp_path), ["data.path=data/here"])
@@ -87,6 +98,10 @@ def test_resolved_makes_the_data_path_absolute(tmp_path, monkeypatch):
         ("search: {meta.inner_steps: {choice: [1]}}\ntrial: {cpu: 1}\n", "unknown key(s)"),
         ("search: {meta.inner_steps: {choice: [1]}}\nbase: nowhere.yaml\n", "nowhere.yaml"),
         ("search: {meta.inner_steps: {choice: [1]}\n", "space.yaml:2: invalid YAML"),
+        (
+            "fixed: {meta.inner_steps: 2}\nsearch: {meta.inner_steps: {choice: [1]}}\n",
+            "['meta.inner_steps'] are both fixed and searched",
+        ),
     ],
 )
 def test_bad_spaces_name_the_file_and_key(tmp_path, text, message):

@@ -26,7 +26,7 @@ from melo_dist.distributed.train import build_trainer
 from melo_dist.errors import InputError
 from melo_dist.sweeps.report import TrialRecord
 from melo_dist.sweeps.space import Distribution, SweepSpace
-from melo_dist.training.loop import load_dataset
+from melo_dist.training.loop import load_dataset, log_to_stderr
 
 METRIC = "valid_rmse"
 SWEEP_FILE = "sweep.json"  # what this folder's sweep is: a resume must match it
@@ -66,10 +66,16 @@ def domain(dist: Distribution) -> tune.search.sample.Domain:
 
 def concurrency(space: SweepSpace) -> int:
     """Trials that fit the cluster at once (a trial: its driver plus its workers)."""
-    if space.trial.concurrent:
-        return space.trial.concurrent
     resources = ray.cluster_resources()
     need = space.trial.driver_cpus + space.trial.workers * space.trial.cpus_per_worker
+    if need > resources.get("CPU", 0.0):
+        log_to_stderr(
+            f"a trial needs {need:g} CPUs and the cluster has {resources.get('CPU', 0.0):g} now: "
+            "trials wait until an autoscaler adds nodes (or lower them with --set "
+            "trial.workers=N --set trial.cpus_per_worker=C)"
+        )
+    if space.trial.concurrent:
+        return space.trial.concurrent
     fits = int((resources.get("CPU", 1.0) - 0.5) // need)  # half a CPU for Ray Data reads
     if space.trial.use_gpu:
         fits = min(fits, int(resources.get("GPU", 0) // space.trial.workers))

@@ -102,7 +102,8 @@ class SweepSpace:
 
 
 def load_space(path: str | Path, overrides: list[str] = ()) -> SweepSpace:
-    """Parse and check a sweep space; `overrides` (`section.key=value`) join its fixed values."""
+    """Parse and check a sweep space. `overrides` (`section.key=value`) set the space's own
+    `trial.*` and `scheduler.*` settings, or join its fixed config values."""
     raw = read_yaml(path)
     where = str(path)
     if not isinstance(raw, dict):
@@ -111,10 +112,18 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> SweepSpace:
     unknown = set(raw) - known
     if unknown:
         raise InputError(f"unknown key(s) {sorted(unknown)}; known: {sorted(known)}", path=path)
+    fixed = dict(mapping(raw, "fixed", where))
+    for key, value in parse_overrides(overrides).items():
+        section, name = key.split(".")
+        if section in ("trial", "scheduler"):
+            raw[section] = {**mapping(raw, section, where), name: value}
+        elif key in mapping(raw, "search", where):
+            raise InputError(f"--set {key}: {key} is searched; remove it from search", path=path)
+        else:
+            fixed[key] = value
 
     trial = settings(TrialSettings, raw, "trial", where)
     base = read_config_file(raw["base"]) if raw.get("base") else {}
-    fixed = {**mapping(raw, "fixed", where), **parse_overrides(overrides)}
     base = with_values(base, fixed, "fixed key")
     check(base, where, "base and fixed values", trial.workers)
 
@@ -122,6 +131,9 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> SweepSpace:
     search = {key: distribution(key, spec, where) for key, spec in search.items()}
     if not search:
         raise InputError("search names no parameter to search", path=path)
+    both = sorted(set(search) & set(fixed))
+    if both:
+        raise InputError(f"{both} are both fixed and searched", path=path)
     for key, dist in search.items():  # every choice and both ends of a range make a valid config
         for value in dist.values:
             raw_config = with_values(base, {key: value}, "search key")
