@@ -131,10 +131,8 @@ def cmd_tune(args: argparse.Namespace) -> None:
     space = load_space(args.space, args.set or [])
     if args.trials < 1:
         raise InputError(f"--trials must be at least 1, got {args.trials}")
-    from melo_dist.distributed.train import connect
     from melo_dist.distributed.tune import SweepInterrupted, sweep
 
-    connect()
     out = Path(args.out)
     try:
         records = sweep(space, args.trials, out, storage=args.storage)

@@ -28,25 +28,28 @@ pytestmark = pytest.mark.slow
 GOOD = {"meta.tasks_per_batch": 4, "meta.inner_lr": 0.05, "optim.lr": 0.005}
 
 
-def space_file(folder: Path, data_dir: Path, initial: list[dict]) -> Path:
-    """Every tiny_config value fixed (8 iterations, validation every 2), three searched keys."""
-    config = tiny_config(data_dir, "unused", iterations=8).to_dict()
+def space_file(
+    folder: Path, data_dir: Path, initial: list[dict], iterations: int = 8, grace: int = 4
+) -> Path:
+    """Every tiny_config value fixed (validation every 2 iterations), three searched keys."""
+    config = tiny_config(data_dir, "unused", iterations=iterations).to_dict()
+    search = {
+        "meta.tasks_per_batch": {"choice": [4, 4000]},
+        "meta.inner_lr": {"loguniform": [1e-3, 1e-1]},
+        "optim.lr": {"loguniform": [1e-4, 1e-2]},
+    }
     fixed = {
         f"{section}.{key}": value
         for section, values in config.items()
         for key, value in values.items()
-        if key != "out"
+        if key != "out" and f"{section}.{key}" not in search
     }
     space = {
         "fixed": fixed,
-        "search": {
-            "meta.tasks_per_batch": {"choice": [4, 4000]},
-            "meta.inner_lr": {"loguniform": [1e-3, 1e-1]},
-            "optim.lr": {"loguniform": [1e-4, 1e-2]},
-        },
+        "search": search,
         "initial": initial,
         "seed": 0,
-        "scheduler": {"grace_iterations": 4, "reduction_factor": 2},
+        "scheduler": {"grace_iterations": grace, "reduction_factor": 2},
         "trial": {"workers": 2, "cpus_per_worker": 0.5, "driver_cpus": 0.25, "concurrent": 1},
     }
     path = folder / "space.yaml"
@@ -118,7 +121,7 @@ def snapshot(folders: list[Path]) -> dict:
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
     ray_session, synthetic_dir, tmp_path, capsys
 ):
-    space = space_file(tmp_path, synthetic_dir, [GOOD])
+    space = space_file(tmp_path, synthetic_dir, [GOOD], iterations=40, grace=40)  # no ASHA stop
     out = tmp_path / "out"
     command = ["tune", "--space", str(space), "--trials", "2", "--out", str(out)]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
@@ -138,11 +141,15 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
 
     deadline = time.time() + 300
     while len(started()) < 2:  # one trial at a time: when the second starts, the first has ended
-        if len(started()) == 1:
-            first_run = started()[0]
+        first_run = started()[0] if started() else None
         assert first.poll() is None and time.time() < deadline, "second trial never started"
         time.sleep(0.2)
-    trial_ids = {run.name for run in started()}  # the finished trial and the interrupted one
+    assert first_run is not None, "the two trials ran at once"
+    (second_run,) = set(started()) - {first_run}
+    while len(list(second_run.glob("checkpoint_*"))) < 2:  # it has reported twice
+        assert first.poll() is None and time.time() < deadline, "second trial never reported"
+        time.sleep(0.1)
+    trial_ids = {first_run.name, second_run.name}  # the finished trial and the interrupted one
     finished = [first_run, out / "ray" / "out" / f"trial-{first_run.name}"]  # Train's, Tune's
     before = snapshot(finished)
     first.send_signal(signal.SIGINT)  # Ctrl+C: Tune saves its state and stops
@@ -156,5 +163,9 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
     assert set(table["trial"]) == trial_ids  # the same two trials: restored, not started anew
     assert set(table["status"]) <= {"completed", "stopped early"}
     assert snapshot(finished) == before  # the finished trial was not run again
+    progress = pd.read_csv(out / "ray" / "out" / f"trial-{second_run.name}" / "progress.csv")
+    reported = progress["iteration"].tolist()  # Tune keeps the restored trial's new reports
+    assert reported[0] > 2, reported  # it continued from a checkpoint: a restart reports 2 first
+    assert reported[-1] == 40
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["event"] == "sweep_done" and summary["trials"] == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -51,15 +52,34 @@ def test_trial_config_layers_base_fixed_and_parameters(tmp_path):
     assert space.max_iterations == 8 and space.grace_iterations == 4  # two validations
 
 
-def test_set_reaches_trial_and_scheduler_settings_and_refuses_searched_keys(tmp_path):
-    path = space_file(tmp_path)
+def test_set_reaches_trial_and_scheduler_settings_and_fixes_searched_keys(tmp_path):
+    text = SPACE + "initial: [{meta.inner_lr: 1e-2, meta.inner_steps: 2, model.backbone: sasrec}]\n"
+    path = space_file(tmp_path, text)
     space = load_space(path, ["trial.workers=4", "scheduler.reduction_factor=3", "run.seed=7"])
     assert (space.trial.workers, space.scheduler.reduction_factor) == (4, 3)
     assert space.trial_config({}, "x").run.seed == 7
-    with pytest.raises(InputError, match=r"--set meta.inner_lr: meta.inner_lr is searched"):
-        load_space(path, ["meta.inner_lr=0.1"])
+    assert space.initial == [
+        {"meta.inner_lr": 0.01, "meta.inner_steps": 2, "model.backbone": "sasrec"}
+    ]
+    assert isinstance(space.initial[0]["meta.inner_lr"], float)  # YAML read "1e-2" as a string
+    fixed = load_space(path, ["model.backbone=gru4rec"])  # searched in the file, fixed here
+    assert "model.backbone" not in fixed.search
+    assert fixed.initial == [{"meta.inner_lr": 0.01, "meta.inner_steps": 2}]
+    assert fixed.trial_config({}, "x").model.backbone == "gru4rec"
     with pytest.raises(InputError, match=r"trial.workers is out of range"):
         load_space(path, ["trial.workers=0"])
+
+
+def test_randint_includes_its_high_end_in_optuna():
+    from ray.tune.search.optuna import OptunaSearch
+
+    from melo_dist.distributed.tune import domain
+    from melo_dist.sweeps.space import Distribution
+
+    (converted,) = OptunaSearch.convert_search_space(
+        {"k": domain(Distribution("randint", [1, 5]))}
+    ).values()
+    assert (converted.low, converted.high) == (1, 5)
 
 
 def test_resolved_makes_the_data_path_absolute(tmp_path, monkeypatch):
@@ -82,7 +102,20 @@ def test_resolved_makes_the_data_path_absolute(tmp_path, monkeypatch):
         ("search: {meta.inner_steps: {randint: [1]}}\n", "randint needs [low, high]"),
         ("search: {meta.inner_steps: {choice: []}}\n", "choice needs a non-empty list"),
         ("search: {meta.inner_steps: {choice: [1, 0]}}\n", "meta.inner_steps must be >= 1"),
-        ("search: {meta.bogus: {choice: [1]}}\n", "unknown key(s) ['bogus']"),
+        ("search: {meta.bogus: {choice: [1]}}\n", "meta.bogus is not a config key"),
+        ("search: {meta.tasks_per_batch: {randint: [4, 10]}}\n", "meta.tasks_per_batch=5"),
+        (
+            "search: {model.dropout: {choice: [0, 0.1]}}\ninitial: [{model.dropout: 0.5}]\n",
+            "initial model.dropout=0.5 is outside its choice [0.0, 0.1]",
+        ),
+        (
+            "search: {meta.inner_steps: {randint: [1, 5]}}\ninitial: [{meta.inner_steps: 9}]\n",
+            "initial meta.inner_steps=9 is outside its randint [1, 5]",
+        ),
+        (
+            "search: {meta.inner_steps: {choice: [1]}}\nscheduler: {grace_iterations: 5000}\n",
+            "grace_iterations (5000) exceeds the longest trial (2000 iterations)",
+        ),
         ("search: {run.out: {choice: [a, b]}}\n", "run.out cannot be searched"),
         ("search: {model.dim: {choice: [8, x]}}\n", "model.dim expects int"),
         (
@@ -111,7 +144,12 @@ def test_bad_spaces_name_the_file_and_key(tmp_path, text, message):
     assert "space.yaml" in str(raised.value) or "nowhere.yaml" in str(raised.value)
 
 
-def test_cli_rejects_a_bad_space_before_starting_ray(tmp_path, capsys):
+def no_ray(*args, **kwargs):
+    raise AssertionError("Ray was started")
+
+
+def test_cli_rejects_a_bad_space_before_starting_ray(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("melo_dist.distributed.tune.connect", no_ray)
     path = space_file(tmp_path, "search: {meta.inner_lr: {loguniform: [0, 1]}}\n")
     code = main(["tune", "--space", str(path), "--trials", "2", "--out", str(tmp_path / "o")])
     error = capsys.readouterr().err.strip().splitlines()
@@ -119,15 +157,22 @@ def test_cli_rejects_a_bad_space_before_starting_ray(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_an_out_folder_of_another_sweep_is_refused_before_ray_starts(synthetic_dir, tmp_path):
+@pytest.mark.parametrize("storage", [None, "shared"])
+def test_a_folder_of_another_sweep_is_refused_before_ray_starts(
+    synthetic_dir, tmp_path, monkeypatch, storage
+):
     from melo_dist.distributed.tune import SWEEP_FILE, sweep
 
+    monkeypatch.setattr("melo_dist.distributed.tune.connect", no_ray)
+    monkeypatch.chdir(tmp_path)
     space = load_space(space_file(tmp_path), [f"data.path={synthetic_dir}"])
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / SWEEP_FILE).write_text('{"space": {}, "trials": 3, "storage": null}')
+    state = tmp_path / (storage or "out/ray") / "out"  # Tune's folder, under --storage if given
+    state.mkdir(parents=True)
+    (state / SWEEP_FILE).write_text('{"space": {}, "trials": 3}')
     with pytest.raises(InputError, match="holds a different sweep"):
-        sweep(space, 3, out)
+        sweep(space, 3, "out", storage=storage)
+    with pytest.raises(InputError, match="cannot run the space's 1 initial points"):
+        sweep(dataclasses.replace(space, initial=[{}]), 0, "elsewhere")
 
 
 def record(number: int, best: float, lr: float, status: str = "completed", error=None):
@@ -161,6 +206,17 @@ def test_outputs_rank_trials_and_write_a_trainable_best_config(tmp_path):
     for plot in (CURVES, EFFECTS):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert yaml.safe_load((out / BEST).read_text())["model"]["backbone"] == "gru4rec"
+
+
+def test_effects_plot_places_numeric_choices_by_value(tmp_path):
+    text = "search:\n  model.dropout: {choice: [0, 0.1]}\n  meta.inner_lr: {uniform: [0.01, 0.1]}\n"
+    space = load_space(space_file(tmp_path, text))
+    records = [record(n, 1.0 + n / 10, 0.02) for n in range(2)]
+    for number, dropout in enumerate([0.0, 0.1]):
+        records[number].params = {"model.dropout": dropout, "meta.inner_lr": 0.02}
+    write_outputs(records, space, tmp_path)
+    assert load_config(tmp_path / BEST).model.dropout == 0.0
+    assert (tmp_path / EFFECTS).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_outputs_when_every_trial_errored(tmp_path):

@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import ray
 import ray.train
@@ -35,6 +36,7 @@ from melo_dist.training.loop import (
 )
 
 ROWS = ["user_id", "item_id", "rating"]
+DATA_CPUS = 0.5  # left free beside the training workers, for Ray Data and the controller
 
 
 def distributed() -> bool:
@@ -173,9 +175,9 @@ def build_trainer(
             f"{config.meta.tasks_per_batch} tasks",
             path=tables,
         )
-    if cpus_per_worker is None:  # leave half a CPU for Ray Data and the controller
+    if cpus_per_worker is None:
         cpus = ray.cluster_resources().get("CPU", 1.0)
-        cpus_per_worker = max(0.25, min(1.0, (cpus - 0.5) / workers))
+        cpus_per_worker = max(0.25, min(1.0, (cpus - DATA_CPUS) / workers))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "threads": max(1, round(cpus_per_worker))},
@@ -193,7 +195,7 @@ def build_trainer(
     )
 
 
-def fit(config: Config, workers: int, **settings) -> dict:
+def fit(config: Config, workers: int, **settings: Any) -> dict:
     """Meta-train on Ray (`settings`: those of `build_trainer`); copies the final checkpoint
     files into config.run.out and returns the best validation record."""
     result = build_trainer(config, workers, **settings).fit()

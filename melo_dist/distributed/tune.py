@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
@@ -22,14 +23,14 @@ from ray.util.state import list_nodes
 from ray.util.state.exception import RayStateApiException
 
 from melo_dist.config import Config
-from melo_dist.distributed.train import build_trainer
+from melo_dist.distributed.train import DATA_CPUS, build_trainer, connect
 from melo_dist.errors import InputError
 from melo_dist.sweeps.report import TrialRecord
 from melo_dist.sweeps.space import Distribution, SweepSpace
 from melo_dist.training.loop import load_dataset, log_to_stderr
 
 METRIC = "valid_rmse"
-SWEEP_FILE = "sweep.json"  # what this folder's sweep is: a resume must match it
+SWEEP_FILE = "melo-sweep.json"  # what the experiment's sweep is: a resume must match it
 
 
 class SweepInterrupted(Exception):
@@ -47,7 +48,7 @@ def run_trial(params: dict, space: SweepSpace, out: str, storage: str | None) ->
         space.trial.workers,
         cpus_per_worker=space.trial.cpus_per_worker,
         use_gpu=space.trial.use_gpu,
-        storage_path=f"{storage}/{Path(out).name}-trials" if storage else str(Path(out) / "trials"),
+        storage_path=f"{storage}/{Path(out).name}-trials" if storage else f"{out}/trials",
         max_failures=space.trial.max_failures,
         callbacks=[TuneReportCallback()],
     ).fit()
@@ -64,19 +65,36 @@ def domain(dist: Distribution) -> tune.search.sample.Domain:
     return tune.randint(low, high + 1)  # the space's randint includes its high end
 
 
+def trial_cpus(space: SweepSpace) -> float:
+    return space.trial.driver_cpus + space.trial.workers * space.trial.cpus_per_worker
+
+
+def check_fits(space: SweepSpace) -> None:
+    """A trial bigger than the cluster would wait forever, unless an autoscaler adds nodes."""
+    resources = ray.cluster_resources()
+    gpus = space.trial.workers if space.trial.use_gpu else 0
+    if trial_cpus(space) <= resources.get("CPU", 0.0) and gpus <= resources.get("GPU", 0.0):
+        return
+    message = (
+        f"a trial needs {trial_cpus(space):g} CPUs"
+        + (f" and {gpus} GPUs" if gpus else "")
+        + f"; the cluster has {resources.get('CPU', 0.0):g} CPUs and "
+        f"{resources.get('GPU', 0.0):g} GPUs now"
+    )
+    if not space.trial.wait_for_nodes:
+        raise InputError(
+            f"{message}: lower trial.workers / trial.cpus_per_worker with --set, or set "
+            "trial.wait_for_nodes=true on a cluster that autoscales"
+        )
+    log_to_stderr(f"{message}: trials wait for the autoscaler to add nodes")
+
+
 def concurrency(space: SweepSpace) -> int:
     """Trials that fit the cluster at once (a trial: its driver plus its workers)."""
-    resources = ray.cluster_resources()
-    need = space.trial.driver_cpus + space.trial.workers * space.trial.cpus_per_worker
-    if need > resources.get("CPU", 0.0):
-        log_to_stderr(
-            f"a trial needs {need:g} CPUs and the cluster has {resources.get('CPU', 0.0):g} now: "
-            "trials wait until an autoscaler adds nodes (or lower them with --set "
-            "trial.workers=N --set trial.cpus_per_worker=C)"
-        )
     if space.trial.concurrent:
         return space.trial.concurrent
-    fits = int((resources.get("CPU", 1.0) - 0.5) // need)  # half a CPU for Ray Data reads
+    resources = ray.cluster_resources()
+    fits = int((resources.get("CPU", 1.0) - DATA_CPUS) // trial_cpus(space))
     if space.trial.use_gpu:
         fits = min(fits, int(resources.get("GPU", 0) // space.trial.workers))
     return max(1, fits)
@@ -87,8 +105,7 @@ def build_tuner(space: SweepSpace, trials: int, out: Path, storage: str | None) 
         tune.with_parameters(run_trial, space=space, out=str(out), storage=storage),
         {"cpu": space.trial.driver_cpus, "gpu": 0},
     )
-    experiment = storage or str(out / "ray")
-    path = f"{experiment.rstrip('/')}/{out.name}"
+    path = experiment_path(out, storage)
     if tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
     searcher = OptunaSearch(
@@ -114,7 +131,7 @@ def build_tuner(space: SweepSpace, trials: int, out: Path, storage: str | None) 
         ),
         run_config=tune.RunConfig(
             name=out.name,  # no timestamp: a re-run finds the sweep and resumes it
-            storage_path=experiment,
+            storage_path=path.rsplit("/", 1)[0],
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
             verbose=1,
         ),
@@ -139,24 +156,51 @@ def require_dashboard(wait_s: float = 20.0) -> None:
             time.sleep(1.0)
 
 
-def sweep(space: SweepSpace, trials: int, out: str | Path, storage: str | None = None) -> list:
-    """Run (or resume) the sweep; returns one `TrialRecord` per trial."""
+def experiment_path(out: Path, storage: str | None) -> str:
+    """Where Tune keeps the sweep's state: `storage` (shared, on a cluster) or `out/ray`."""
+    return f"{storage or out / 'ray'}/{out.name}"
+
+
+def sweep(
+    space: SweepSpace, trials: int, out: str | Path, storage: str | None = None
+) -> list[TrialRecord]:
+    """Run (or resume) the sweep, joining or starting Ray once the inputs are checked;
+    returns one `TrialRecord` per trial."""
     out = Path(out).resolve()
-    space = space.resolved()
-    load_dataset(Config.from_dict(space.base), with_train=False)  # fail now, not in N trials
+    if storage and "://" not in storage:  # trials run in their own folders: no relative paths
+        storage = str(Path(storage).resolve())
+    storage = storage.rstrip("/") if storage else None
+    # the sweep as written (not its resolved paths): a resume from another folder is the same
     identity = json.loads(
-        json.dumps({"space": space.to_dict(), "trials": trials, "storage": storage})
+        json.dumps({"space": {**space.to_dict(), "path": None}, "trials": trials})
     )
-    marker = out / SWEEP_FILE
-    if marker.exists() and json.loads(marker.read_text()) != identity:
+    space = space.resolved()
+    if trials < len(space.initial):
         raise InputError(
-            "holds a different sweep (space, trial count or storage); choose another --out",
-            path=out,
+            f"{trials} trials cannot run the space's {len(space.initial)} initial points"
         )
+    load_dataset(Config.from_dict(space.base), with_train=False)  # fail now, not in N trials
+    path = experiment_path(out, storage)
+    filesystem, folder = pyarrow.fs.FileSystem.from_uri(path)
+    marker = f"{folder}/{SWEEP_FILE}"  # beside Tune's state, so a shared --storage is checked too
+    if filesystem.get_file_info(marker).type == pyarrow.fs.FileType.File:
+        with filesystem.open_input_stream(marker) as stream:
+            if json.loads(stream.read()) != identity:
+                raise InputError(
+                    "holds a different sweep (space or trial count); choose another --out",
+                    path=path,
+                )
+    elif tune.Tuner.can_restore(path):
+        raise InputError("holds a Tune experiment that is not a melo-dist sweep", path=path)
+
+    connect()
     require_dashboard()
-    out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(identity, indent=1))
-    grid = build_tuner(space, trials, out, storage).fit()
+    check_fits(space)
+    tuner = build_tuner(space, trials, out, storage)
+    filesystem.create_dir(folder)
+    with filesystem.open_output_stream(marker) as stream:
+        stream.write(json.dumps(identity, indent=1).encode())
+    grid = tuner.fit()
     # After Ctrl+C, Tune returns normally; the state it saved tells what is still unfinished.
     saved = tune.ExperimentAnalysis(grid.experiment_path, storage_filesystem=grid.filesystem)
     ended = sum(trial.status in ("TERMINATED", "ERROR") for trial in saved.trials)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import matplotlib
 import pandas as pd
@@ -54,18 +55,17 @@ def write_outputs(records: list[TrialRecord], space: SweepSpace, out: Path) -> p
     """Write results.csv, best.yaml and the plots into `out`; returns the results table."""
     table = results_table(records)
     table.to_csv(out / RESULTS, index=False)
-    ranked = table.dropna(subset=["best_valid_rmse"])
-    if ranked.empty:
+    scored = [r for r in records if not math.isnan(r.best_valid_rmse)]
+    if not scored:
         first = next((r.error for r in records if r.error), "none reported")
         raise InputError(
             f"no trial of {len(records)} validated (first error: {first}); see {out / RESULTS}"
         )
-    best = ranked.iloc[0]
-    params = {key: native(best[key]) for key in space.search}
-    config = space.trial_config(params, out / "best-run")
+    best = min(scored, key=lambda r: (r.best_valid_rmse, r.number))
+    config = space.trial_config(best.params, out / "best-run")
     header = (
-        f"# Best of {len(records)} trials of {space.path}: trial {best['trial']}, "
-        f"validation RMSE {best['best_valid_rmse']:.4f}.\n"
+        f"# Best of {len(records)} trials of {space.path}: trial {best.trial}, "
+        f"validation RMSE {best.best_valid_rmse:.4f}.\n"
         f"#   melo-dist train --config {out / BEST} --workers {space.trial.workers}\n"
     )
     text = header + yaml.safe_dump(config.to_dict(), sort_keys=False)
@@ -73,11 +73,6 @@ def write_outputs(records: list[TrialRecord], space: SweepSpace, out: Path) -> p
     plot_curves(records, out / CURVES)
     plot_effects(table, space, out / EFFECTS)
     return table
-
-
-def native(value):
-    """numpy scalars from the table back to plain Python values for YAML."""
-    return value.item() if hasattr(value, "item") else value
 
 
 def plot_curves(records: list[TrialRecord], path: Path) -> None:
@@ -119,13 +114,12 @@ def plot_effects(table: pd.DataFrame, space: SweepSpace, path: Path) -> None:
     styles = {"completed": {"color": "C0"}, "stopped early": {"facecolors": "none", "color": "C0"}}
     for axis, key in zip(axes[0], keys):
         dist = space.search[key]
-        labels = [str(v) for v in dist.values]
         for status, style in styles.items():
             rows = scored[scored["status"] == status]
-            x = [labels.index(str(v)) for v in rows[key]] if dist.kind == "choice" else rows[key]
+            x = [dist.values.index(v) for v in rows[key]] if dist.kind == "choice" else rows[key]
             axis.scatter(x, rows["best_valid_rmse"], label=status, **style)
         if dist.kind == "choice":  # categories at fixed positions, labelled
-            axis.set_xticks(range(len(labels)), labels)
+            axis.set_xticks(range(len(dist.values)), [str(v) for v in dist.values])
         elif dist.kind == "randint":
             axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         elif dist.kind == "loguniform":
@@ -138,7 +132,7 @@ def plot_effects(table: pd.DataFrame, space: SweepSpace, path: Path) -> None:
     plt.close(figure)
 
 
-def pyplot():
+def pyplot() -> ModuleType:
     matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
     import matplotlib.pyplot as plt
 

@@ -19,7 +19,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from melo_dist.config import (
     Config,
@@ -56,6 +56,7 @@ class TrialSettings:
     use_gpu: bool = False
     concurrent: int = 0  # trials at once; 0 = as many as the cluster's CPUs fit
     max_failures: int = 0  # worker failures a trial recovers from (from its last checkpoint)
+    wait_for_nodes: bool = False  # a trial bigger than the cluster waits for an autoscaler
 
 
 @dataclass
@@ -103,7 +104,8 @@ class SweepSpace:
 
 def load_space(path: str | Path, overrides: list[str] = ()) -> SweepSpace:
     """Parse and check a sweep space. `overrides` (`section.key=value`) set the space's own
-    `trial.*` and `scheduler.*` settings, or join its fixed config values."""
+    `trial.*` and `scheduler.*` settings, or fix a config value in every trial (a searched key
+    given this way is no longer searched)."""
     raw = read_yaml(path)
     where = str(path)
     if not isinstance(raw, dict):
@@ -112,55 +114,74 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> SweepSpace:
     unknown = set(raw) - known
     if unknown:
         raise InputError(f"unknown key(s) {sorted(unknown)}; known: {sorted(known)}", path=path)
-    fixed = dict(mapping(raw, "fixed", where))
+    fixed, search = dict(mapping(raw, "fixed", where)), dict(mapping(raw, "search", where))
     for key, value in parse_overrides(overrides).items():
         section, name = key.split(".")
         if section in ("trial", "scheduler"):
             raw[section] = {**mapping(raw, section, where), name: value}
-        elif key in mapping(raw, "search", where):
-            raise InputError(f"--set {key}: {key} is searched; remove it from search", path=path)
         else:
             fixed[key] = value
+            search.pop(key, None)
+    both = sorted(set(search) & set(fixed))
+    if both:
+        raise InputError(f"{both} are both fixed and searched", path=path)
 
     trial = settings(TrialSettings, raw, "trial", where)
+    scheduler = settings(SchedulerSettings, raw, "scheduler", where)
     base = read_config_file(raw["base"]) if raw.get("base") else {}
     base = with_values(base, fixed, "fixed key")
     check(base, where, "base and fixed values", trial.workers)
 
-    search = mapping(raw, "search", where)
     search = {key: distribution(key, spec, where) for key, spec in search.items()}
     if not search:
         raise InputError("search names no parameter to search", path=path)
-    both = sorted(set(search) & set(fixed))
-    if both:
-        raise InputError(f"{both} are both fixed and searched", path=path)
-    for key, dist in search.items():  # every choice and both ends of a range make a valid config
-        for value in dist.values:
+    for key, dist in search.items():  # every value a trial can draw, or a range's both ends
+        every = range(dist.values[0], dist.values[1] + 1) if dist.kind == "randint" else None
+        for value in every if every is not None and len(every) <= 1000 else dist.values:
             raw_config = with_values(base, {key: value}, "search key")
             check(raw_config, where, f"search {key}={value!r}", trial.workers)
 
     initial = raw.get("initial") or []
     if not isinstance(initial, list) or not all(isinstance(p, dict) for p in initial):
         raise InputError("initial must be a list of {section.key: value} mappings", path=path)
+    initial = [{k: v for k, v in point.items() if k in search} for point in initial]  # minus --set
     for point in initial:
         if set(point) != set(search):
             raise InputError(
                 f"initial point {point} must set exactly the searched keys {sorted(search)}",
                 path=path,
             )
+        for key, value in point.items():
+            point[key] = drawn(search[key], key, value, where)
         check(
             with_values(base, point, "initial key"), where, f"initial point {point}", trial.workers
         )
 
-    return SweepSpace(
-        path=where,
-        base=base,
-        search=search,
-        initial=initial,
-        seed=coerce(raw.get("seed", 0), int, f"{where}: seed"),
-        scheduler=settings(SchedulerSettings, raw, "scheduler", where),
-        trial=trial,
+    space = SweepSpace(
+        where,
+        base,
+        search,
+        initial,
+        coerce(raw.get("seed", 0), int, f"{where}: seed"),
+        scheduler,
+        trial,
     )
+    if scheduler.grace_iterations > space.max_iterations:
+        raise InputError(
+            f"scheduler.grace_iterations ({scheduler.grace_iterations}) exceeds the longest "
+            f"trial ({space.max_iterations} iterations)",
+            path=path,
+        )
+    return space
+
+
+def key_type(key: str, where: str) -> type:
+    """The declared type of a `section.key` config value."""
+    section, _, name = key.partition(".")
+    hints = get_type_hints(Config)
+    if section not in hints or name not in get_type_hints(hints[section]):
+        raise InputError(f"{key} is not a config key (section.key)", path=where)
+    return get_type_hints(hints[section])[name]
 
 
 def check(raw: dict, where: str, what: str, workers: int) -> None:
@@ -176,6 +197,19 @@ def check(raw: dict, where: str, what: str, workers: int) -> None:
             f"({workers})",
             path=where,
         )
+
+
+def drawn(dist: Distribution, key: str, value: Any, where: str) -> Any:
+    """An initial point's value, typed as its config key and inside its distribution."""
+    value = coerce(value, key_type(key, where), f"{where}: initial {key}")
+    inside = (
+        value in dist.values if dist.kind == "choice" else dist.values[0] <= value <= dist.values[1]
+    )
+    if not inside:
+        raise InputError(
+            f"initial {key}={value!r} is outside its {dist.kind} {dist.values}", path=where
+        )
+    return value
 
 
 def mapping(raw: dict, key: str, where: str) -> dict:
@@ -197,7 +231,9 @@ def distribution(key: str, spec: Any, where: str) -> Distribution:
     if not isinstance(values, list) or not values:
         raise InputError(f"search key {key}: {kind} needs a non-empty list", path=where)
     if kind == "choice":
-        return Distribution(kind, values)
+        return Distribution(
+            kind, [coerce(v, key_type(key, where), f"{where}: search {key}") for v in values]
+        )
     number = int if kind == "randint" else float
     if len(values) != 2:
         raise InputError(f"search key {key}: {kind} needs [low, high], got {values!r}", path=where)
