@@ -150,7 +150,9 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
         assert first.poll() is None and time.time() < deadline, "second trial never reported"
         time.sleep(0.1)
     trial_ids = {first_run.name, second_run.name}  # the finished trial and the interrupted one
-    finished = [first_run, out / "ray" / "out" / f"trial-{first_run.name}"]  # Train's, Tune's
+    tune_folder = out / "ray" / "out"
+    (tune_first,) = tune_folder.glob(f"trial-1-{first_run.name}")  # Tune numbers trials from 1
+    finished = [first_run, tune_first]  # the finished trial's Train and Tune folders
     before = snapshot(finished)
     first.send_signal(signal.SIGINT)  # Ctrl+C: Tune saves its state and stops
     _, stderr = first.communicate(timeout=180)
@@ -161,9 +163,11 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
     assert main(command) == 0  # in-process, joining the same Ray instance
     table = pd.read_csv(out / RESULTS)
     assert set(table["trial"]) == trial_ids  # the same two trials: restored, not started anew
+    launched = dict(zip(table["trial"], table["number"]))
+    assert (launched[first_run.name], launched[second_run.name]) == (0, 1)  # launch order kept
     assert set(table["status"]) <= {"completed", "stopped early"}
     assert snapshot(finished) == before  # the finished trial was not run again
-    progress = pd.read_csv(out / "ray" / "out" / f"trial-{second_run.name}" / "progress.csv")
+    progress = pd.read_csv(tune_folder / f"trial-2-{second_run.name}" / "progress.csv")
     reported = progress["iteration"].tolist()  # Tune keeps the restored trial's new reports
     assert reported[0] > 2, reported  # it continued from a checkpoint: a restart reports 2 first
     assert reported[-1] == 40

@@ -191,8 +191,7 @@ def test_outputs_rank_trials_and_write_a_trainable_best_config(tmp_path):
         record(2, 0.95, 0.02, "stopped early"),
         record(3, 1.00, 0.03),
     ]
-    out = tmp_path / "sweep"
-    out.mkdir()
+    out = tmp_path / "sweep"  # not there yet: with --storage, nothing else writes into it
     write_outputs(records, space, out)
 
     table = pd.read_csv(out / RESULTS)

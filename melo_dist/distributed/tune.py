@@ -209,16 +209,18 @@ def sweep(
             f"sweep interrupted with {ended} of {trials} trials finished; "
             "run the same command again to resume it"
         )
-    return [trial_record(number, result, space) for number, result in enumerate(grid)]
+    return [trial_record(result, space) for result in grid]
 
 
 def trial_folder(trial: tune.experiment.Trial) -> str:
-    return f"trial-{trial.trial_id}"  # short, and it names the trial's id
+    """`trial-<launch number>-<trial id>`: Tune numbers trials from 1 in its experiment tag,
+    and its result grid does not keep launch order after a restore."""
+    return f"trial-{trial.experiment_tag.split('_', 1)[0]}-{trial.trial_id}"
 
 
-def trial_record(number: int, result: tune.Result, space: SweepSpace) -> TrialRecord:
-    """What the sweep's outputs need from one Tune result, errored or not. The result grid
-    lists trials in launch order."""
+def trial_record(result: tune.Result, space: SweepSpace) -> TrialRecord:
+    """What the sweep's outputs need from one Tune result, errored or not."""
+    _, launch, trial_id = Path(result.path).name.split("-", 2)
     with result.filesystem.open_input_stream(f"{result.path}/params.json") as stream:
         params = json.loads(stream.read())  # Tune writes it when the trial starts
     history = result.metrics_dataframe
@@ -238,8 +240,8 @@ def trial_record(number: int, result: tune.Result, space: SweepSpace) -> TrialRe
         status = "completed" if reached >= target else "stopped early"  # by ASHA
     best = float(history[METRIC].min()) if len(history) else math.nan
     return TrialRecord(
-        trial=Path(result.path).name.removeprefix("trial-"),
-        number=number,
+        trial=trial_id,
+        number=int(launch) - 1,
         status=status,
         best_valid_rmse=best,
         iterations=reached,

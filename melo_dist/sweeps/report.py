@@ -54,6 +54,7 @@ def results_table(records: list[TrialRecord]) -> pd.DataFrame:
 def write_outputs(records: list[TrialRecord], space: SweepSpace, out: Path) -> pd.DataFrame:
     """Write results.csv, best.yaml and the plots into `out`; returns the results table."""
     table = results_table(records)
+    out.mkdir(parents=True, exist_ok=True)  # with --storage, Tune wrote nothing here
     table.to_csv(out / RESULTS, index=False)
     scored = [r for r in records if not math.isnan(r.best_valid_rmse)]
     if not scored:
