@@ -83,9 +83,9 @@ class SweepSpace:
     def resolved(self) -> SweepSpace:
         """A copy whose data and init paths are absolute: trials run in their own folders,
         maybe on other nodes, never in the caller's working directory."""
-        values = {}
+        values, config = {}, Config.from_dict(self.base)
         for key in ("data.path", "run.init_from"):
-            value = Config.from_dict(self.base).get(key)
+            value = config.get(key)
             if value and not Path(value).is_absolute() and "://" not in value:
                 values[key] = str(Path(value).resolve())
         return dataclasses.replace(self, base=with_values(self.base, values, "path"))
