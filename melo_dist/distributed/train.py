@@ -93,6 +93,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with checkpoint.as_directory() as folder:
             shutil.copytree(folder, staging, dirs_exist_ok=True)
         run.load_state_dict(load_checkpoint(staging / LAST))
+    resumed_from = run.iteration  # reported: shows a restart continued, not started over
 
     per_rank = config.meta.tasks_per_batch // world
     shard = ray.train.get_dataset_shard("train")
@@ -116,7 +117,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             losses.append(loss)
             steps_this_epoch += 1
             if run.at_checkpoint():
-                report(run, staging, losses, time.perf_counter() - started)
+                report(run, staging, losses, time.perf_counter() - started, resumed_from)
                 losses, started = [], time.perf_counter()
             if run.iteration >= total:
                 break
@@ -128,11 +129,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         epoch += 1
 
 
-def report(run: TrainingRun, staging: Path, losses: list[float], seconds: float) -> None:
+def report(
+    run: TrainingRun, staging: Path, losses: list[float], seconds: float, resumed_from: int
+) -> None:
     """Rank 0 validates and writes the checkpoint files; every rank reports (a barrier)."""
     if run.rank == 0:
         record = run.checkpoint(staging, losses, seconds)
         log_to_stderr(record.pop("message"))
+        record["resumed_from"] = resumed_from
         ray.train.report(record, checkpoint=Checkpoint.from_directory(str(staging)))
     else:
         ray.train.report({"iteration": run.iteration})
