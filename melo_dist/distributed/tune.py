@@ -22,7 +22,6 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.util.state import list_nodes
 from ray.util.state.exception import RayStateApiException
 
-from melo_dist.config import Config
 from melo_dist.distributed.train import DATA_CPUS, build_trainer, connect
 from melo_dist.errors import InputError
 from melo_dist.sweeps.report import TrialRecord
@@ -179,7 +178,7 @@ def sweep(
         raise InputError(
             f"{trials} trials cannot run the space's {len(space.initial)} initial points"
         )
-    load_dataset(Config.from_dict(space.base), with_train=False)  # fail now, not in N trials
+    load_dataset(space.base_config, with_train=False)  # fail now, not in N trials
     path = experiment_path(out, storage)
     filesystem, folder = pyarrow.fs.FileSystem.from_uri(path)
     marker = f"{folder}/{SWEEP_FILE}"  # beside Tune's state, so a shared --storage is checked too

@@ -75,15 +75,20 @@ class SweepSpace:
         return Config.from_dict(raw, source=f"{self.path} (trial parameters {params})")
 
     @property
+    def base_config(self) -> Config:
+        """The config every trial starts from, before its sampled parameters."""
+        return Config.from_dict(self.base)
+
+    @property
     def grace_iterations(self) -> int:
-        config = Config.from_dict(self.base)
+        config = self.base_config
         default = min(2 * config.run.validate_every, config.optim.iterations)
         return self.scheduler.grace_iterations or default
 
     def resolved(self) -> SweepSpace:
         """A copy whose data and init paths are absolute: trials run in their own folders,
         maybe on other nodes, never in the caller's working directory."""
-        values, config = {}, Config.from_dict(self.base)
+        values, config = {}, self.base_config
         for key in ("data.path", "run.init_from"):
             value = config.get(key)
             if value and not Path(value).is_absolute() and "://" not in value:
@@ -95,7 +100,7 @@ class SweepSpace:
         """The longest a trial can train (ASHA's max_t), also when iterations are searched."""
         dist = self.search.get("optim.iterations")
         if dist is None:
-            return Config.from_dict(self.base).optim.iterations
+            return self.base_config.optim.iterations
         return int(max(dist.values))
 
     def to_dict(self) -> dict:
