@@ -6,15 +6,36 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
+from typing import Any, get_type_hints
 
+from melo_dist.data.formats import SOURCES
+from melo_dist.data.prepare import PrepareSettings
+from melo_dist.data.synthetic import SyntheticSpec
 from melo_dist.errors import InputError
+from melo_dist.runtime import log
 
-SOURCE_CHOICES = ("movielens", "amazon", "yelp", "recbole", "csv", "parquet", "synthetic")
+SYNTHETIC = "synthetic"  # the embedded generator: a source that is generated, not read
 
 
-def log(message: str) -> None:
-    print(f"[melo-dist] {message}", file=sys.stderr, flush=True)
+def add_settings_flags(parser: argparse.ArgumentParser, settings: type, prefix: str = "") -> None:
+    """One --flag per field of a settings dataclass: names, types and defaults written once,
+    in the dataclass (a field's metadata may carry its help)."""
+    hints = get_type_hints(settings)
+    for field in fields(settings):
+        parser.add_argument(
+            f"--{prefix}{field.name.replace('_', '-')}",
+            dest=f"{prefix.replace('-', '_')}{field.name}",
+            type=hints[field.name],
+            default=field.default,
+            help=f"{field.metadata.get('help', '')} (default {field.default})".lstrip(),
+        )
+
+
+def settings_from_flags(args: argparse.Namespace, settings: type, prefix: str = "") -> Any:
+    dest = prefix.replace("-", "_")
+    return settings(**{field.name: getattr(args, dest + field.name) for field in fields(settings)})
 
 
 def parse_mapping(text: str | None) -> dict[str, str] | None:
@@ -38,26 +59,18 @@ def parse_range(text: str) -> tuple[float, float]:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from melo_dist.data.prepare import PrepareSettings, prepare, sha256_file
-    from melo_dist.data.report import format_statistics
+    from melo_dist.data.prepare import prepare, sha256_file
+    from melo_dist.data.statistics import format_statistics
 
-    settings = PrepareSettings(
-        min_item_ratings=args.min_item_ratings,
-        min_user_ratings=args.min_user_ratings,
-        test_users=args.test_users,
-        valid_fraction=args.valid_fraction,
-        seed=args.seed,
-    )
+    settings = settings_from_flags(args, PrepareSettings)
     started = time.perf_counter()
-    if args.source == "synthetic":
-        from melo_dist.data.synthetic import SyntheticSpec, generate_ratings
+    if args.source == SYNTHETIC:
+        from melo_dist.data.synthetic import generate_ratings
 
-        spec = SyntheticSpec(
-            users=args.synthetic_users, items=args.synthetic_items, seed=args.synthetic_seed
-        )
+        spec = settings_from_flags(args, SyntheticSpec, "synthetic-")
         log(f"generating synthetic ratings ({spec.users:,} users, {spec.items:,} items)")
         ratings = generate_ratings(spec)
-        source = {"family": "synthetic", "format": "synthetic", "spec": vars(spec)}
+        source = {"family": SYNTHETIC, "format": SYNTHETIC, "spec": vars(spec)}
     else:
         from melo_dist.data.readers import read_ratings
 
@@ -85,7 +98,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> None:
     from melo_dist.data.prepare import load_manifest
-    from melo_dist.data.report import format_statistics
+    from melo_dist.data.statistics import format_statistics
 
     manifest = load_manifest(args.data)
     print(json.dumps(manifest, indent=2) if args.json else format_statistics(manifest))
@@ -114,7 +127,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from melo_dist.training.report import evaluate_checkpoints, format_results
+    from melo_dist.training.evaluation import evaluate_checkpoints, format_results
 
     results = evaluate_checkpoints(
         args.checkpoint, args.split, args.data, references=not args.no_references
@@ -125,7 +138,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
-    from melo_dist.sweeps.report import write_outputs
+    from melo_dist.sweeps.outputs import write_outputs
     from melo_dist.sweeps.space import load_space
 
     space = load_space(args.space, args.set or [])
@@ -173,23 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     prep = commands.add_parser("prepare", help="rating file -> Parquet task tables + manifest")
-    prep.add_argument("--source", required=True, choices=SOURCE_CHOICES)
+    prep.add_argument("--source", required=True, choices=(*SOURCES, SYNTHETIC))
     prep.add_argument("--path", help="rating file (not for --source synthetic)")
     prep.add_argument("--format", help="exact format inside the family (default: detected)")
     prep.add_argument("--columns", help="csv/parquet column mapping, e.g. user_id=uid,rating=stars")
     prep.add_argument("--rating-range", default="0.5:5", help="valid ratings LOW:HIGH (inclusive)")
     prep.add_argument("--out", required=True, help="output folder (written atomically)")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
-    prep.add_argument("--min-item-ratings", type=int, default=50)
-    prep.add_argument("--min-user-ratings", type=int, default=5)
-    prep.add_argument(
-        "--test-users", type=float, default=1000, help="test users: a count, or a fraction below 1"
-    )
-    prep.add_argument("--valid-fraction", type=float, default=0.15)
-    prep.add_argument("--seed", type=int, default=0, help="seed of the user split")
-    prep.add_argument("--synthetic-users", type=int, default=2000)
-    prep.add_argument("--synthetic-items", type=int, default=600)
-    prep.add_argument("--synthetic-seed", type=int, default=0)
+    add_settings_flags(prep, PrepareSettings)
+    add_settings_flags(prep, SyntheticSpec, "synthetic-")
     prep.set_defaults(run=cmd_prepare)
 
     inspect = commands.add_parser("inspect", help="print a prepared dataset's manifest")

@@ -114,6 +114,14 @@ class Config:
                 raise InputError(f"config key {key} must be {expected}, got {self.get(key)!r}")
         return self
 
+    def check_workers(self, workers: int, name: str = "the number of workers") -> None:
+        """The meta-batch must split evenly: every worker adapts the same number of tasks."""
+        if self.meta.tasks_per_batch % workers:
+            raise InputError(
+                f"meta.tasks_per_batch ({self.meta.tasks_per_batch}) must be a multiple of "
+                f"{name} ({workers})"
+            )
+
     def get(self, key: str) -> Any:
         section, name = key.split(".", 1)
         return getattr(getattr(self, section), name)

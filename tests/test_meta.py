@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracle import oracle_meta_step
-from torch import nn
 
 from melo_dist.config import BACKBONES, Config
 from melo_dist.data.synthetic import random_task_rows
 from melo_dist.data.tasks import TaskBatch, WindowSpec, sample_tasks
 from melo_dist.meta import build_learner
-from melo_dist.meta.step import meta_step, predict_targets, step_importance
+from melo_dist.meta.melo import meta_step, predict_targets, step_importance
+from melo_dist.meta.reference import reference_meta_step
+from melo_dist.meta.weighting import ClassBalanced, InnerWeighting
 
 LEVELS = [1.0, 2.0, 3.0, 4.0, 5.0]
 ITEMS = 40
@@ -60,12 +60,14 @@ def assert_same(grads: dict, expected: dict, rtol: float = 1e-5) -> None:
 @pytest.mark.parametrize("regime", INNER_LOSSES)
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_batched_meta_step_matches_per_task_loop(backbone, regime, first_order):
-    config = small_config(backbone, regime, inner_steps=2)
+    # iteration 3 of a 10-iteration multi-step phase: every step's query loss counts
+    config = small_config(
+        backbone, regime, inner_steps=2, multi_step_iterations=10, first_order=first_order
+    )
     learner = learner_for(config)
     batch = small_batch()
-    # iteration 3 of a 10-iteration multi-step phase: every step's query loss counts
-    loss, grads = meta_step(learner, batch, 3, 10, first_order)
-    oracle_loss, oracle_grads = oracle_meta_step(learner, batch, 3, 10, first_order)
+    loss, grads = meta_step(learner, batch, 3)
+    oracle_loss, oracle_grads = reference_meta_step(learner, batch, 3)
     assert torch.allclose(loss, oracle_loss, rtol=1e-10)
     assert_same(grads, oracle_grads)
     assert any(g.abs().sum() > 0 for n, g in grads.items() if n.startswith("inner_lrs."))
@@ -85,12 +87,12 @@ def test_adaptive_weights_reach_the_encoder_and_change_the_update():
 def test_first_order_gives_the_encoder_no_gradient():
     """Documented limitation: the weights act only through the inner updates."""
     _, grads = meta_step(
-        learner_for(small_config("gru4rec", "melo")), small_batch(), 0, first_order=True
+        learner_for(small_config("gru4rec", "melo", first_order=True)), small_batch(), 0
     )
     assert all(float(g.abs().sum()) == 0 for n, g in grads.items() if n.startswith("weight_net."))
 
 
-class ConstantWeights(nn.Module):
+class ConstantWeights(InnerWeighting):
     def forward(self, ratings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(ratings)
 
@@ -175,3 +177,16 @@ def test_softmax_encoder_weights_sum_to_window_length():
     weights = learner.weight_net(batch.support_ratings, batch.support_mask)
     assert torch.allclose(weights.sum(-1), batch.support_mask.sum(-1).to(weights.dtype))
     assert (weights[~batch.support_mask] == 0).all()
+
+
+def test_class_balanced_weights_are_inverse_support_frequencies():
+    """Checked against a plain count over each task's support ratings."""
+    batch = small_batch(tasks=4)
+    weights = ClassBalanced(LEVELS)(batch.support_ratings, batch.support_mask)
+    for b in range(len(batch)):
+        ratings, mask = batch.support_ratings[b], batch.support_mask[b]
+        levels, counts = torch.unique(ratings[mask], return_counts=True)
+        expected = torch.zeros_like(ratings)
+        for value, count in zip(levels.tolist(), counts.tolist()):
+            expected[(ratings == value) & mask] = mask.sum() / (len(levels) * count)
+        assert torch.allclose(weights[b], expected)

@@ -9,9 +9,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from conftest import shared_file
-from melo_dist.data.readers import read_ratings
 
 from melo_dist.data.prepare import SPLITS, PrepareSettings, prepare
+from melo_dist.data.readers import read_ratings
 from melo_dist.data.synthetic import SyntheticSpec, generate_ratings
 from melo_dist.errors import InputError
 

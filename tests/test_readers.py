@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import shared_file, write
 
-from melo_dist.data.readers import FORMATS, SOURCES, detect_format, read_ratings
+from melo_dist.data.formats import FORMATS, SOURCES, detect_format
+from melo_dist.data.readers import read_ratings
 from melo_dist.errors import InputError
 
 DAY = 1468281600  # 2016-07-12 00:00:00 UTC

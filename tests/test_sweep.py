@@ -20,7 +20,7 @@ from conftest import tiny_config
 from melo_dist.cli import main
 from melo_dist.config import load_config
 from melo_dist.distributed.tune import sweep
-from melo_dist.sweeps.report import BEST, CURVES, EFFECTS, RESULTS, write_outputs
+from melo_dist.sweeps.outputs import BEST, CURVES, EFFECTS, RESULTS, write_outputs
 from melo_dist.sweeps.space import load_space
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ from conftest import write
 from melo_dist.cli import main
 from melo_dist.config import load_config
 from melo_dist.errors import InputError
-from melo_dist.sweeps.report import BEST, CURVES, EFFECTS, RESULTS, TrialRecord, write_outputs
+from melo_dist.sweeps.outputs import BEST, CURVES, EFFECTS, RESULTS, TrialRecord, write_outputs
 from melo_dist.sweeps.space import load_space
 
 ROOT = Path(__file__).resolve().parents[1]

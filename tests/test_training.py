@@ -11,11 +11,13 @@ from conftest import tiny_config
 
 from melo_dist.cli import main
 from melo_dist.config import load_config
+from melo_dist.data.dataset import load_dataset
+from melo_dist.data.sampler import EpochSampler
 from melo_dist.errors import InputError
 from melo_dist.training.checkpoint import BEST, LAST, load_checkpoint
-from melo_dist.training.evaluate import Targets, score
-from melo_dist.training.loop import TrainingRun, load_dataset, train_local
-from melo_dist.training.report import evaluate_checkpoints
+from melo_dist.training.evaluation import Targets, evaluate_checkpoints, score
+from melo_dist.training.loop import train_local
+from melo_dist.training.run import TrainingRun
 
 
 class Crash(Exception):
@@ -67,8 +69,6 @@ def test_training_writes_checkpoints_and_improves(synthetic_dir, tmp_path):
         "optimizers",
         "schedulers",
         "iteration",
-        "epoch",
-        "cursor",
         "config",
         "manifest_sha256",
     }
@@ -76,7 +76,7 @@ def test_training_writes_checkpoints_and_improves(synthetic_dir, tmp_path):
         json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()
     ]
     assert [r["iteration"] for r in records] == [3, 6, 9, 12]
-    assert records[-1]["loss"] < records[0]["loss"]
+    assert records[-1]["valid_rmse"] < records[0]["valid_rmse"]  # the loss of 4 tasks is noisy
     # a run folder holding another config is refused rather than silently mixed
     config.optim.lr = 0.5
     with pytest.raises(InputError, match=r"different config"):
@@ -100,10 +100,10 @@ def test_every_regime_trains_and_evaluates(synthetic_dir, tmp_path):
 
 
 def test_a_non_finite_meta_loss_stops_training(synthetic_dir, tmp_path):
-    run = TrainingRun(
-        tiny_config(synthetic_dir, tmp_path), load_dataset(tiny_config(synthetic_dir, tmp_path))
-    )
-    loss, grads = run.gradients(run.sample_batch(4))
+    config = tiny_config(synthetic_dir, tmp_path)
+    data = load_dataset(config.data)
+    run = TrainingRun(config, data)
+    loss, grads = run.gradients(next(EpochSampler(data.train, data.spec, 0, 4).batches(0)))
     before = {name: p.detach().clone() for name, p in run.learner.named_parameters()}
     with pytest.raises(FloatingPointError, match="meta-loss became nan at iteration 1"):
         run.apply(grads, float("nan"))

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import importlib
 import json
+import multiprocessing as mp
+import resource
+from collections.abc import Callable
 
-from melo_dist.data.report import format_table
+from melo_dist.data.statistics import format_table
 from melo_dist.errors import InputError
 
 BENCHMARKS = {
     "prepare": "melo_dist.bench.prepare",
     "meta-step": "melo_dist.bench.meta_step",
     "ray": "melo_dist.bench.ray",
+    "train": "melo_dist.bench.train",
 }
 
 
@@ -22,3 +26,20 @@ def run_benchmark(name: str, options: list[str]) -> None:
     title, rows, figures = module.run(options)
     print(format_table(rows, title))
     print(json.dumps({"bench": name, **figures}))
+
+
+def in_fresh_process(measure: Callable[..., float], *args) -> tuple[float, float]:
+    """(what `measure(*args)` returns, the process's peak RSS in MiB), run in a spawned process
+    so that each variant's memory peak is its own and no caches are shared."""
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    worker = context.Process(target=_measure_into, args=(queue, measure, *args))
+    worker.start()
+    result = queue.get()
+    worker.join()
+    return result
+
+
+def _measure_into(queue: mp.Queue, measure: Callable[..., float], *args) -> None:
+    value = measure(*args)
+    queue.put((value, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))

@@ -8,32 +8,18 @@ and the two never share caches; they run one after the other in the same invocat
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import multiprocessing as mp
-import resource
 import time
-from pathlib import Path
 
 import torch
 
+from melo_dist.bench import in_fresh_process
 from melo_dist.config import Config
 from melo_dist.data.synthetic import random_task_rows
 from melo_dist.data.tasks import WindowSpec, sample_tasks
-from melo_dist.errors import InputError
 from melo_dist.meta import build_learner
-from melo_dist.meta.step import meta_step
-
-ORACLE = Path(__file__).resolve().parents[2] / "tests" / "oracle.py"
-
-
-def load_oracle():
-    """The per-task loop lives with the tests (it is their oracle); load it from the checkout."""
-    if not ORACLE.is_file():
-        raise InputError("the per-task oracle is only in a source checkout", path=ORACLE)
-    spec = importlib.util.spec_from_file_location("melo_oracle", ORACLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.oracle_meta_step
+from melo_dist.meta.melo import meta_step
+from melo_dist.meta.reference import reference_meta_step
+from melo_dist.runtime import prepare_process
 
 
 def reference_batch(tasks: int, items: int, seed: int = 0):
@@ -43,23 +29,22 @@ def reference_batch(tasks: int, items: int, seed: int = 0):
 
 
 def measure(
-    backbone: str, variant: str, repeats: int, threads: int, tasks: int, items: int, queue: mp.Queue
-) -> None:
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(True)
+    backbone: str, variant: str, repeats: int, threads: int, tasks: int, items: int, multi: int
+) -> float:
+    """Seconds per meta-step of one variant (batched or the per-task loop)."""
+    prepare_process(threads)
     config = Config()
     config.model.backbone, config.meta.regime = backbone, "melo"
+    config.meta.multi_step_iterations = multi
     torch.manual_seed(0)
     learner = build_learner(config, items, [1.0, 2.0, 3.0, 4.0, 5.0])
     batch = reference_batch(tasks, items)
-    step = meta_step if variant == "batched" else load_oracle()
+    step = meta_step if variant == "batched" else reference_meta_step
     step(learner, batch, 0)  # warm-up: first-call overheads are not steady-state speed
     started = time.perf_counter()
     for iteration in range(repeats):
         step(learner, batch, iteration + 1)
-    seconds = (time.perf_counter() - started) / repeats
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put((seconds, peak_mib))
+    return (time.perf_counter() - started) / repeats
 
 
 def run(options: list[str]) -> tuple[str, list, dict]:
@@ -69,20 +54,19 @@ def run(options: list[str]) -> tuple[str, list, dict]:
     parser.add_argument("--tasks", type=int, default=16)
     parser.add_argument("--items", type=int, default=3000, help="catalogue size")
     parser.add_argument("--backbones", default="sasrec,gru4rec")
+    parser.add_argument(
+        "--multi-step", default="on", choices=("on", "off"), help="the MAML++ multi-step phase"
+    )
     args = parser.parse_args(options)
-    context = mp.get_context("spawn")
+    multi = 1000 if args.multi_step == "on" else 0  # on: the reference's first 1000 iterations
     table, figures = [], {"threads": args.threads, "tasks": args.tasks}
     for backbone in args.backbones.split(","):
         results = {}
         for variant in ("batched", "loop"):
-            queue = context.Queue()
-            worker = context.Process(
-                target=measure,
-                args=(backbone, variant, args.repeats, args.threads, args.tasks, args.items, queue),
+            results[variant] = in_fresh_process(
+                measure,
+                *(backbone, variant, args.repeats, args.threads, args.tasks, args.items, multi),
             )
-            worker.start()
-            results[variant] = queue.get()
-            worker.join()
             seconds, peak = results[variant]
             table.append(
                 (
@@ -104,6 +88,7 @@ def run(options: list[str]) -> tuple[str, list, dict]:
         )
     title = (
         f"bench meta-step: {args.tasks} tasks, 25x30 support, 3 second-order steps, MELO, "
-        f"{args.threads} thread(s), mean of {args.repeats} steps"
+        f"multi-step phase {args.multi_step}, {args.threads} thread(s), {args.items:,} items, "
+        f"mean of {args.repeats} steps"
     )
     return title, table, figures

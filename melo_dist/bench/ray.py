@@ -10,18 +10,18 @@ counted (the trainer's own seconds_per_iteration).
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 from melo_dist.config import Config
 from melo_dist.data.prepare import PrepareSettings, prepare
 from melo_dist.data.synthetic import SyntheticSpec, generate_ratings
-from melo_dist.training.loop import METRICS, train_local
+from melo_dist.training.checkpoint import read_metrics
+from melo_dist.training.loop import train_local
 
 
 def steady_seconds(out: Path) -> float:
-    records = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
+    records = read_metrics(out)
     steady = records[1:] or records
     return sum(r["seconds_per_iteration"] for r in steady) / len(steady)
 

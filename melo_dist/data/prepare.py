@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +40,12 @@ MANIFEST = "manifest.json"
 class PrepareSettings:
     min_item_ratings: int = 50  # reference item filter (applied first)
     min_user_ratings: int = 5  # reference user filter (applied second)
-    test_users: float = 1000  # an int count (1000 for ML-1M), or a fraction in (0, 1)
+    test_users: float = field(
+        default=1000, metadata={"help": "test users: a count (1000 for ML-1M), or a fraction < 1"}
+    )
     valid_fraction: float = 0.15  # of the users left after the test draw
-    seed: int = 0  # seeds the user split
-    window: int = 30  # only for the manifest's average usable length
+    seed: int = field(default=0, metadata={"help": "seed of the user split"})
+    window: int = field(default=30, metadata={"help": "for the manifest's mean usable length"})
 
     def __post_init__(self) -> None:
         if self.min_item_ratings < 1 or self.min_user_ratings < 2:

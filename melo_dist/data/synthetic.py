@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from melo_dist.errors import InputError
+
 
 @dataclass(frozen=True)
 class SyntheticSpec:
@@ -27,7 +29,7 @@ class SyntheticSpec:
 def generate_ratings(spec: SyntheticSpec = SyntheticSpec()) -> pd.DataFrame:
     """Return a canonical rating table (user_id, item_id, rating, timestamp) in time order."""
     if spec.users < 1 or spec.items < 2 or spec.mean_length < 2:
-        raise ValueError(f"synthetic spec too small: {spec}")
+        raise InputError(f"synthetic spec too small: {spec}")
     rng = np.random.default_rng(spec.seed)
     taste = rng.normal(size=(spec.users, spec.factors)) / np.sqrt(spec.factors)
     profile = rng.normal(size=(spec.items, spec.factors))

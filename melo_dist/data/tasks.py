@@ -10,14 +10,13 @@ Per user (DESIGN §2), with window length L (30):
 Every window is left-padded to L (item 0, rating 0, mask False).
 
 Everything is vectorised over the batch. Each user's random numbers come from a counter-based
-hash of (seed, user id), so a task's windows depend only on the seed and the user, never on
-which batch, worker or position the user lands in: evaluation windows are fixed per user, and
-a training iteration's tasks are the same whether one worker or many cut them.
+hash of (seed, user id) (`seeds.py`), so a task's windows depend only on the seed and the user,
+never on which batch, worker or position the user lands in: evaluation windows are fixed per
+user, and a training iteration's tasks are the same whether one worker or many cut them.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -25,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from melo_dist.data.seeds import hashed_uniforms, user_keys
 from melo_dist.errors import InputError
 
 
@@ -113,28 +113,6 @@ class TaskBatch:
 
     def __len__(self) -> int:
         return self.support_items.shape[0]
-
-
-def user_keys(user_id: np.ndarray) -> np.ndarray:
-    """A stable 64-bit key per user id (independent of table order and Python's hash seed)."""
-    return np.array(
-        [
-            int.from_bytes(hashlib.blake2b(str(u).encode(), digest_size=8).digest(), "little")
-            for u in user_id
-        ],
-        dtype=np.uint64,
-    )
-
-
-def hashed_uniforms(keys: np.ndarray, seed: int, count: int) -> np.ndarray:
-    """[len(keys), count] uniforms in [0, 1) from splitmix64 of (seed, key, slot)."""
-    with np.errstate(over="ignore"):
-        x = keys[:, None] * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed & (2**64 - 1))
-        x = x + np.arange(1, count + 1, dtype=np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return (x >> np.uint64(11)).astype(np.float64) / float(2**53)
 
 
 def support_pairs(length: int) -> tuple[np.ndarray, np.ndarray]:

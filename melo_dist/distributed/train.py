@@ -1,5 +1,6 @@
 """Ray glue for meta-training: Ray Data shards the training users, a TorchTrainer runs the shared
-`TrainingRun` on every worker, and gradients are averaged with one flat all-reduce.
+training loop (`melo_dist.training.loop.train`) on every worker, and gradients are averaged with
+one flat all-reduce.
 
 No DDP wrapper: `torch.func` and DDP do not mix (DESIGN §3). Every rank starts from the same
 parameters (same seed), takes the same steps and applies the same averaged gradients, so the
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,17 +23,15 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer, get_device
 
 from melo_dist.config import Config
-from melo_dist.data.tasks import TaskRows, sample_tasks
+from melo_dist.data.dataset import load_dataset
+from melo_dist.data.sampler import training_batch
+from melo_dist.data.seeds import derive_seed
+from melo_dist.data.tasks import TaskBatch, TaskRows
 from melo_dist.errors import InputError
-from melo_dist.training.checkpoint import LAST, load_checkpoint
-from melo_dist.training.loop import (
-    METRICS,
-    TrainingRun,
-    best_record,
-    load_dataset,
-    log_to_stderr,
-    prepare_process,
-)
+from melo_dist.runtime import log, prepare_process
+from melo_dist.training.checkpoint import BEST, LAST, METRICS, best_record, load_checkpoint
+from melo_dist.training.loop import train
+from melo_dist.training.run import TrainingRun
 
 ROWS = ["user_id", "item_id", "rating"]
 DATA_CPUS = 0.5  # left free beside the training workers, for Ray Data and the controller
@@ -79,14 +77,13 @@ def in_lockstep(batches: Iterable[dict], device: torch.device) -> Iterator[dict]
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    """One Ray Train worker: the shared training loop on this rank's shard, gradients averaged
+    across ranks; rank 0 validates and writes the checkpoint files, every rank reports."""
     config = Config.from_dict(loop_config["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(loop_config["threads"])
-    prepare_process(config)
-    run = TrainingRun(
-        config, load_dataset(config, with_train=False), rank=rank, device=get_device()
-    )
+    prepare_process(config.run.threads)
+    run = TrainingRun(config, load_dataset(config.data), rank=rank, device=get_device())
     staging = Path(tempfile.mkdtemp(prefix="melo-checkpoint-"))  # rank 0's checkpoint files
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -95,51 +92,44 @@ def train_loop_per_worker(loop_config: dict) -> None:
         run.load_state_dict(load_checkpoint(staging / LAST))
     resumed_from = run.iteration  # reported: shows a restart continued, not started over
 
-    per_rank = config.meta.tasks_per_batch // world
+    def save(losses: list[float], seconds: float) -> dict | None:
+        if rank != 0:
+            ray.train.report({"iteration": run.iteration})  # a barrier: every rank reports
+            return None
+        record = run.checkpoint(staging, losses, seconds)
+        report = {**record, "resumed_from": resumed_from}
+        ray.train.report(report, checkpoint=Checkpoint.from_directory(str(staging)))
+        return record
+
     shard = ray.train.get_dataset_shard("train")
-    total, epoch = config.optim.iterations, 0
-    losses, started = [], time.perf_counter()
-    while run.iteration < total:
-        steps_this_epoch = 0
-        batches = shard.iter_batches(
+    batches = shard_batches(run, shard, config.meta.tasks_per_batch // world)
+    train(run, batches, save, reduce=average, log=log if rank == 0 else lambda message: None)
+
+
+def shard_batches(run: TrainingRun, shard: Any, per_rank: int) -> Iterator[TaskBatch]:
+    """Endless epochs over this rank's Ray Data shard, `per_rank` users a batch, in lockstep
+    with the other ranks; windows seeded by the iteration, as in local training."""
+    config = run.config
+    epoch = 0
+    while True:
+        rows = shard.iter_batches(
             batch_size=per_rank,
             batch_format="numpy",
             drop_last=True,
             local_shuffle_buffer_size=4 * per_rank,
-            local_shuffle_seed=config.run.seed * 7919 + epoch * 31 + rank,
+            local_shuffle_seed=derive_seed(config.run.seed, epoch, run.rank),
         )
-        for rows in in_lockstep(batches, run.device):
-            tasks = TaskRows.from_lists(rows["user_id"], rows["item_id"], rows["rating"])
-            batch = sample_tasks(tasks, run.data.spec, seed=run.batch_seed(), train=True)
-            loss, grads = run.gradients(batch)
-            grads, loss = average(grads, loss)
-            run.apply(grads, loss)
-            losses.append(loss)
-            steps_this_epoch += 1
-            if run.at_checkpoint():
-                report(run, staging, losses, time.perf_counter() - started, resumed_from)
-                losses, started = [], time.perf_counter()
-            if run.iteration >= total:
-                break
-        if steps_this_epoch == 0:
+        empty = True
+        for users in in_lockstep(rows, run.device):
+            empty = False
+            tasks = TaskRows.from_lists(users["user_id"], users["item_id"], users["rating"])
+            yield training_batch(tasks, run.data.spec, config.run.seed, run.iteration)
+        if empty:
             raise InputError(
                 f"the training shards hold fewer than {per_rank} users per worker; "
                 "use fewer workers or a smaller meta.tasks_per_batch"
             )
         epoch += 1
-
-
-def report(
-    run: TrainingRun, staging: Path, losses: list[float], seconds: float, resumed_from: int
-) -> None:
-    """Rank 0 validates and writes the checkpoint files; every rank reports (a barrier)."""
-    if run.rank == 0:
-        record = run.checkpoint(staging, losses, seconds)
-        log_to_stderr(record.pop("message"))
-        record["resumed_from"] = resumed_from
-        ray.train.report(record, checkpoint=Checkpoint.from_directory(str(staging)))
-    else:
-        ray.train.report({"iteration": run.iteration})
 
 
 def build_trainer(
@@ -155,18 +145,14 @@ def build_trainer(
     """The TorchTrainer of one distributed run, named after config.run.out (no timestamp, so a
     restarted run finds its checkpoints). `callbacks`: Ray Train callbacks (a Tune trial passes
     `TuneReportCallback`)."""
-    if config.meta.tasks_per_batch % workers:
-        raise InputError(
-            f"meta.tasks_per_batch ({config.meta.tasks_per_batch}) must be a "
-            f"multiple of the number of workers ({workers})"
-        )
+    config.check_workers(workers)
     config = Config.from_dict(config.to_dict())  # paths are made absolute below: work on a copy
     data = Path(config.data.path)
     if data.exists():  # workers may run elsewhere in the file system: give them absolute paths
         config.data.path = str(data.resolve())
     if config.run.init_from and Path(config.run.init_from).exists():
         config.run.init_from = str(Path(config.run.init_from).resolve())
-    load_dataset(config, with_train=False)  # fail here, with a clear message, not in a worker
+    load_dataset(config.data)  # fail here, with a clear message, not in a worker
     out = Path(config.run.out).resolve()
     # One row per user: small. Materialised before the workers take their CPUs, so the read
     # never waits for resources the training workers hold.
@@ -182,9 +168,10 @@ def build_trainer(
     if cpus_per_worker is None:
         cpus = ray.cluster_resources().get("CPU", 1.0)
         cpus_per_worker = max(0.25, min(1.0, (cpus - DATA_CPUS) / workers))
+    config.run.threads = max(1, round(cpus_per_worker))  # Ray sets 1 thread; use the CPUs given
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "threads": max(1, round(cpus_per_worker))},
+        train_loop_config={"config": config.to_dict()},
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
         ),
@@ -208,7 +195,7 @@ def fit(config: Config, workers: int, **settings: Any) -> dict:
     out = Path(config.run.out).resolve()
     with result.checkpoint.as_directory() as folder:
         out.mkdir(parents=True, exist_ok=True)
-        for name in (LAST, "best.pt", METRICS):
+        for name in (LAST, BEST, METRICS):
             if (Path(folder) / name).exists():
                 shutil.copy2(Path(folder) / name, out / name)
     return best_record(out)

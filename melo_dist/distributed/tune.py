@@ -22,11 +22,12 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.util.state import list_nodes
 from ray.util.state.exception import RayStateApiException
 
+from melo_dist.data.dataset import load_dataset
 from melo_dist.distributed.train import DATA_CPUS, build_trainer, connect
 from melo_dist.errors import InputError
-from melo_dist.sweeps.report import TrialRecord
+from melo_dist.runtime import log
+from melo_dist.sweeps.outputs import TrialRecord
 from melo_dist.sweeps.space import Distribution, SweepSpace
-from melo_dist.training.loop import load_dataset, log_to_stderr
 
 METRIC = "valid_rmse"
 SWEEP_FILE = "melo-sweep.json"  # what the experiment's sweep is: a resume must match it
@@ -85,7 +86,7 @@ def check_fits(space: SweepSpace) -> None:
             f"{message}: lower trial.workers / trial.cpus_per_worker with --set, or set "
             "trial.wait_for_nodes=true on a cluster that autoscales"
         )
-    log_to_stderr(f"{message}: trials wait for the autoscaler to add nodes")
+    log(f"{message}: trials wait for the autoscaler to add nodes")
 
 
 def concurrency(space: SweepSpace) -> int:
@@ -178,7 +179,7 @@ def sweep(
         raise InputError(
             f"{trials} trials cannot run the space's {len(space.initial)} initial points"
         )
-    load_dataset(space.base_config, with_train=False)  # fail now, not in N trials
+    load_dataset(space.base_config.data)  # fail now, not in N trials
     path = experiment_path(out, storage)
     filesystem, folder = pyarrow.fs.FileSystem.from_uri(path)
     marker = f"{folder}/{SWEEP_FILE}"  # beside Tune's state, so a shared --storage is checked too

@@ -1,14 +1,28 @@
-"""The meta-learner: functional inner loop, inner losses, LSLR and the meta-step. Pure torch."""
+"""The meta-learner (`melo.py`: inner loop, weighted loss, outer step) and its inner-loss
+weightings (`weighting.py`); `reference.py` is the same algorithm as a per-task loop. Pure torch."""
 
 from __future__ import annotations
 
+from torch import nn
+
 from melo_dist.config import Config
-from melo_dist.meta.adapt import MetaLearner
-from melo_dist.models import build_backbone, build_weight_net
+from melo_dist.meta.basic import BasicLearner
+from melo_dist.meta.melo import MetaLearner, meta_step
+from melo_dist.meta.weighting import build_weighting
+from melo_dist.models import build_backbone
+
+__all__ = ["BasicLearner", "MetaLearner", "build_learner", "meta_step"]
 
 
-def build_learner(config: Config, num_items: int, levels: list[float]) -> MetaLearner:
-    """The backbone, the regime's weight net and the inner learning rates, from the config."""
+def build_learner(config: Config, num_items: int, levels: list[float]) -> nn.Module:
+    """The regime's learner: `BasicLearner` for `basic`, else a `MetaLearner` with the regime's
+    inner-loss weighting. Predictions are compared with rating / the top rating level."""
     backbone = build_backbone(config.model, num_items)
-    weight_net = build_weight_net(config.model, config.meta.regime, levels)
-    return MetaLearner(backbone, weight_net, config.meta, levels)
+    scale = float(max(levels))
+    if config.meta.regime == "basic":
+        return BasicLearner(backbone, scale)
+    model = config.model
+    weighting = build_weighting(
+        config.meta.regime, levels, model.encoder_embed, model.encoder_hidden, model.encoder_output
+    )
+    return MetaLearner(backbone, weighting, config.meta, scale)

@@ -1,11 +1,10 @@
-"""Backbones (item sequence -> per-position rating) and inner-loss weight networks."""
+"""Backbones: item sequence [..., L] -> per-position rating / scale [..., L]."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from melo_dist.config import ModelConfig
-from melo_dist.models.encoder import StatsWeightNet, TaskStateEncoder
 from melo_dist.models.gru4rec import GRU4Rec
 from melo_dist.models.narm import NARM
 from melo_dist.models.transformer import BERT4Rec, SASRec
@@ -18,14 +17,3 @@ EMBEDDING_PREFIXES = ("item_embedding.", "position_embedding.")
 
 def build_backbone(config: ModelConfig, num_items: int) -> nn.Module:
     return BACKBONE_CLASSES[config.backbone](config, num_items)
-
-
-def build_weight_net(config: ModelConfig, regime: str, levels: list[float]) -> nn.Module | None:
-    """The learned per-position weight net of a regime, if it has one."""
-    if regime == "melo":
-        return TaskStateEncoder(
-            levels, config.encoder_embed, config.encoder_hidden, config.encoder_output
-        )
-    if regime == "stats_mlp":
-        return StatsWeightNet(levels, config.encoder_hidden)
-    return None

@@ -193,15 +193,9 @@ def check(raw: dict, where: str, what: str, workers: int) -> None:
     """A config mapping must make a valid Config whose meta-batch splits evenly over a trial's
     workers; the error says which part of the space."""
     try:
-        tasks = Config.from_dict(raw).meta.tasks_per_batch
+        Config.from_dict(raw).check_workers(workers, "trial.workers")
     except InputError as error:
         raise InputError(f"{what}: {error}", path=where) from None
-    if tasks % workers:
-        raise InputError(
-            f"{what}: meta.tasks_per_batch ({tasks}) must be a multiple of trial.workers "
-            f"({workers})",
-            path=where,
-        )
 
 
 def drawn(dist: Distribution, key: str, value: Any, where: str) -> Any:

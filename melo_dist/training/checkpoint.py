@@ -1,14 +1,16 @@
-"""Checkpoints: one plain dict, written atomically, loaded with `weights_only=True`.
+"""A run folder: checkpoints (`last.pt`, `best.pt`) and the metrics record (`metrics.jsonl`).
 
-It holds the learner (backbone, weight net, inner learning rates), the optimiser and scheduler
-states, the iteration, the best validation RMSE, the local sampler's position, the config and
-the SHA-256 of the dataset manifest it was trained on. There is no RNG state to save: task
-windows and dropout masks are drawn from seeds derived from (run seed, iteration, rank).
+A checkpoint is one plain dict, written atomically and loaded with `weights_only=True`: the
+learner (backbone, weight net, inner learning rates), the optimiser and scheduler states, the
+iteration, the best validation RMSE, the config and the SHA-256 of the dataset manifest it was
+trained on. There is no RNG or sampler state to save: batches, task windows and dropout masks
+are drawn from seeds derived from (run seed, iteration, rank).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -17,7 +19,8 @@ import torch
 
 from melo_dist.errors import InputError
 
-LAST, BEST = "last.pt", "best.pt"
+LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.jsonl"
+RESOURCE_KEYS = ("path", "out", "threads")  # where and with what a run runs, not what it learns
 
 
 def manifest_hash(data_dir: str | Path) -> str:
@@ -39,6 +42,7 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint file, or a run folder's best.pt (last.pt before the first improvement)."""
     path = Path(path)
     if path.is_dir():
         path = path / BEST if (path / BEST).exists() else path / LAST
@@ -48,3 +52,42 @@ def load_checkpoint(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors come in many types; name the file
         raise InputError(f"not a melo-dist checkpoint: {error}", path=path) from None
+
+
+def resumable_state(out: Path, config: dict) -> dict | None:
+    """The last checkpoint of the run in `out`, if any; one of another config is refused."""
+    if not (out / LAST).exists():
+        return None
+    state = load_checkpoint(out / LAST)
+    if learning_settings(state["config"]) != learning_settings(config):
+        raise InputError("holds a run with a different config; choose another run.out", path=out)
+    return state
+
+
+def learning_settings(config: dict) -> dict:
+    """The settings a resumed run must share: all but where and with what it runs (paths may
+    move; the dataset itself is checked by its manifest hash)."""
+    return {
+        section: {k: v for k, v in values.items() if k not in RESOURCE_KEYS}
+        for section, values in config.items()
+    }
+
+
+def append_metrics(out: Path, record: dict) -> None:
+    with open(out / METRICS, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
+
+
+def best_record(out: Path) -> dict:
+    return min(read_metrics(out), key=lambda record: record["valid_rmse"])
+
+
+def keep_metrics_until(out: Path, iteration: int) -> None:
+    """On resume, drop metric lines past the checkpoint so no iteration is counted twice."""
+    if (out / METRICS).exists():
+        kept = [r for r in read_metrics(out) if r["iteration"] <= iteration]
+        (out / METRICS).write_text("".join(json.dumps(r) + "\n" for r in kept))

@@ -1,7 +1,13 @@
-"""Per-position loss weights for the inner loop: MELO's task-state encoder and baselines' nets.
+"""How the inner loss weights each support position: the `w` of MELO's weighted loss.
 
-Both read a task's support ratings ([..., S, L], 0 = padding) and return one non-negative weight
-per position. They are shared across tasks and meta-learned; the inner loop never adapts them.
+Every regime is one `InnerWeighting`, chosen once when the learner is built:
+- `forward(ratings, mask)` runs once per task before the inner loop and returns the task's
+  weights [..., S, L] (None: every position counts the same);
+- `at_step(weights, error)` gives the weights of one inner step from the task's weights and the
+  current error (the default keeps the task's weights).
+
+MELO's task-state encoder and the statistics net are meta-learned; they read a task's support
+ratings (0 = padding), are shared across tasks, and the inner loop never adapts them.
 """
 
 from __future__ import annotations
@@ -12,13 +18,48 @@ from torch import nn
 from melo_dist.models.layers import LSTM
 
 
+class InnerWeighting(nn.Module):
+    """Uniform weights: the plain MSE inner loss of MAML."""
+
+    def forward(self, ratings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def at_step(self, weights: torch.Tensor | None, error: torch.Tensor) -> torch.Tensor | None:
+        return weights
+
+
+class Focal(InnerWeighting):
+    """w = |e|, so w * e^2 = |e|^3: the focal inner loss."""
+
+    def at_step(self, weights: torch.Tensor | None, error: torch.Tensor) -> torch.Tensor:
+        return error.abs()
+
+
+class ClassBalanced(InnerWeighting):
+    """Inverse frequency of each position's rating among the task's support positions,
+    normalised so that a task whose ratings are balanced gets weight 1 everywhere."""
+
+    def __init__(self, levels: list[float]) -> None:
+        super().__init__()
+        self.register_buffer("levels", torch.tensor(levels, dtype=torch.float32))
+
+    def forward(self, ratings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        levels = self.levels.to(ratings.dtype)
+        one_hot = ((ratings.unsqueeze(-1) == levels) & mask.unsqueeze(-1)).to(ratings.dtype)
+        counts = one_hot.sum((-3, -2))  # [..., K] over the task's support
+        count = (one_hot * counts[..., None, None, :]).sum(-1).clamp(min=1)  # per position
+        total = counts.sum(-1)[..., None, None]
+        distinct = (counts > 0).sum(-1)[..., None, None].clamp(min=1)
+        return torch.where(mask, total / (distinct * count), torch.zeros_like(count))
+
+
 def rating_levels_index(ratings: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Map rating values to 1..K by their level (0 stays 0 = padding); half stars work too."""
     index = torch.searchsorted(levels, ratings.contiguous()) + 1
     return torch.where(ratings > 0, index, torch.zeros_like(index))
 
 
-class TaskStateEncoder(nn.Module):
+class TaskStateEncoder(InnerWeighting):
     """MELO: rating embedding -> LSTM (learnable h0/c0) -> linear -> abs (or softmax)."""
 
     def __init__(
@@ -44,7 +85,7 @@ class TaskStateEncoder(nn.Module):
         return weights * mask.sum(-1, keepdim=True)
 
 
-class StatsWeightNet(nn.Module):
+class StatsWeightNet(InnerWeighting):
     """The reference's statistics weight net: MLP([rating one-hot, task histogram, mean, std]).
 
     The task statistics come from all the task's support positions, so a position's weight
@@ -70,3 +111,18 @@ class StatsWeightNet(nn.Module):
         task = torch.cat([counts / total, mean, std], dim=-1)  # [..., K + 2]
         task = task[..., None, None, :].expand(*one_hot.shape[:-1], -1)
         return self.mlp(torch.cat([one_hot, task], dim=-1)).squeeze(-1).abs()
+
+
+def build_weighting(
+    regime: str, levels: list[float], embed: int, hidden: int, output: str
+) -> InnerWeighting:
+    """The inner-loss weighting of a meta-learning regime (config meta.regime)."""
+    if regime == "melo":
+        return TaskStateEncoder(levels, embed, hidden, output)
+    if regime == "stats_mlp":
+        return StatsWeightNet(levels, hidden)
+    if regime == "focal":
+        return Focal()
+    if regime == "class_balanced":
+        return ClassBalanced(levels)
+    return InnerWeighting()

@@ -1,4 +1,5 @@
-"""Evaluation: RMSE/MAE on the last position of each query, aggregated per user, then over users.
+"""Evaluation: RMSE/MAE on the last position of each query, aggregated per user, then over users;
+scoring checkpoints on a split next to the reference points, as a table.
 
 Every regime and every reference point is scored on the same targets: the fixed evaluation
 windows of a split (`sample_tasks(seed=data.eval_seed, train=False)`), the last position of
@@ -16,13 +17,17 @@ Reference points any model must beat, computed from the same tasks:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from melo_dist.config import Config
+from melo_dist.data.dataset import load_dataset
 from melo_dist.data.tasks import TaskBatch, TaskRows, WindowSpec, sample_tasks
-from melo_dist.meta.adapt import MetaLearner
-from melo_dist.meta.step import predict_targets
+from melo_dist.errors import InputError
+from melo_dist.meta import build_learner
+from melo_dist.training.checkpoint import load_checkpoint, manifest_hash
 
 ITEM_SHRINK, USER_SHRINK = 25.0, 10.0  # Koren-style baseline-predictor regularisation
 
@@ -86,11 +91,12 @@ def score(pred: np.ndarray, targets: Targets) -> dict[str, float]:
     return metrics
 
 
-def evaluate_learner(learner: MetaLearner, batches: list[TaskBatch], targets: Targets) -> dict:
+def evaluate_learner(learner: torch.nn.Module, batches: list[TaskBatch], targets: Targets) -> dict:
+    """Score a learner (adapted to each task first, where it meta-learns) on `targets`."""
     was_training = learner.training
     learner.eval()
     try:
-        pred = torch.cat([predict_targets(learner, batch).cpu() for batch in batches]).numpy()
+        pred = torch.cat([learner.predict(batch).cpu() for batch in batches]).numpy()
     finally:
         learner.train(was_training)
     return score(pred, targets)
@@ -119,3 +125,60 @@ def reference_points(train: TaskRows, targets: Targets, num_items: int) -> dict[
         "bias model": mu + item_bias[targets.item] + user_bias[:, None],
     }
     return {name: score(pred, targets) for name, pred in predictions.items()}
+
+
+def evaluate_checkpoints(
+    paths: list[str], split: str = "test", data_path: str | None = None, references: bool = True
+) -> dict[str, dict]:
+    """{name: metrics} for each checkpoint (named by its run folder and regime) and, optionally,
+    the four reference points, all on the same targets of `split`."""
+    states = [load_checkpoint(path) for path in paths]
+    config = Config.from_dict(states[0]["config"])
+    if data_path:
+        config.data.path = data_path
+    data = load_dataset(config.data)
+    rows = data.split(split)
+    batches = list(eval_batches(rows, data.spec, config.data.eval_seed))
+    targets = collect_targets(batches)
+    results = {}
+    for path, state in zip(paths, states):
+        run_config = Config.from_dict(state["config"])
+        if state["manifest_sha256"] != manifest_hash(config.data.path):
+            raise InputError(f"trained on a different dataset than {config.data.path}", path=path)
+        learner = build_learner(run_config, state["num_items"], state["rating_levels"])
+        learner.load_state_dict(state["learner"])
+        name = f"{run_config.meta.regime} {run_config.model.backbone} ({Path(path).name})"
+        results[name] = {
+            **evaluate_learner(learner, batches, targets),
+            "iteration": state["iteration"],
+        }
+    if references:
+        results.update(reference_points(data.train, targets, data.num_items))
+    return results
+
+
+def format_results(results: dict[str, dict], split: str) -> str:
+    """RMSE/MAE per model, then RMSE per rating class (users whose target has that rating)."""
+    classes = sorted(
+        {k[5:] for m in results.values() for k in m if k.startswith("rmse_")}, key=float
+    )
+    width = max(len(name) for name in results)
+    header = f"{'model':<{width}}  {'RMSE':>7} {'MAE':>7}  " + " ".join(
+        f"{'r=' + c:>7}" for c in classes
+    )
+    lines = [
+        f"{split}: {next(iter(results.values()))['users']} users, last query position",
+        header,
+        "-" * len(header),
+    ]
+    for name, m in results.items():
+        lines.append(
+            f"{name:<{width}}  {m['rmse']:7.4f} {m['mae']:7.4f}  "
+            + " ".join(f"{m.get('rmse_' + c, float('nan')):7.4f}" for c in classes)
+        )
+    counts = next(iter(results.values()))
+    lines.append(
+        f"{'users per class':<{width}}  {'':>15}  "
+        + " ".join(f"{counts.get('users_' + c, 0):7d}" for c in classes)
+    )
+    return "\n".join(lines)

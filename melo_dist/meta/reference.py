@@ -1,8 +1,8 @@
-"""The per-task loop oracle: MAML/MELO written plainly, one task at a time (tests and bench only).
+"""The same meta-step as `melo.py`, written as a plain loop over tasks (tests and benchmarks).
 
 No vmap, no task dimension: each task's fast weights are a dict updated with
 `torch.autograd.grad(create_graph=True)`, exactly as the algorithm reads on paper. The batched
-implementation in melo_dist.meta must give the same loss and gradients.
+`meta_step` must give the same loss and gradients; `melo-dist bench meta-step` times both.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import torch
 from torch.func import functional_call
 
 from melo_dist.data.tasks import TaskBatch
-from melo_dist.meta.adapt import MetaLearner, lr_key
-from melo_dist.meta.step import step_importance
+from melo_dist.meta.melo import MetaLearner, lr_key, step_importance, with_gradients
 
 
 def task_mse(pred, target, mask, weights=None):
@@ -22,15 +21,9 @@ def task_mse(pred, target, mask, weights=None):
     return terms.sum() / max(int(torch.count_nonzero(terms)), 1)
 
 
-def oracle_meta_loss(
-    learner: MetaLearner,
-    batch: TaskBatch,
-    iteration: int = 0,
-    multi_step_iterations: int = 0,
-    first_order: bool = False,
-) -> torch.Tensor:
+def reference_meta_loss(learner: MetaLearner, batch: TaskBatch, iteration: int) -> torch.Tensor:
     params = dict(learner.backbone.named_parameters())
-    importance = step_importance(learner.steps, iteration, multi_step_iterations)
+    importance = step_importance(learner.steps, iteration, learner.multi_step_iterations)
     scale, losses = learner.scale, []
     for b in range(len(batch)):
         items, ratings, mask = (
@@ -39,24 +32,16 @@ def oracle_meta_loss(
             batch.support_mask[b],
         )
         target = ratings / scale
-        if learner.weight_net is not None:
-            weights = learner.weight_net(ratings, mask)
-        elif learner.regime == "class_balanced":
-            levels, counts = torch.unique(ratings[mask], return_counts=True)
-            frequency = dict(zip(levels.tolist(), counts.tolist()))
-            weights = torch.zeros_like(ratings)
-            for value, count in frequency.items():
-                weights[(ratings == value) & mask] = mask.sum() / (len(frequency) * count)
-        else:
-            weights = None
+        task_weights = learner.weight_net(ratings, mask)
         fast = {name: params[name] for name in learner.adapted}
         task_loss = 0.0
         for step in range(learner.steps):
             pred = functional_call(learner.backbone, {**params, **fast}, (items,))
-            if learner.regime == "focal":
-                weights = (pred - target).abs()
+            weights = learner.weight_net.at_step(task_weights, pred - target)
             loss = task_mse(pred, target, mask, weights)
-            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
+            grads = torch.autograd.grad(
+                loss, list(fast.values()), create_graph=not learner.first_order
+            )
             fast = {
                 n: w - learner.inner_lrs[lr_key(n)][step] * g
                 for (n, w), g in zip(fast.items(), grads)
@@ -73,16 +58,5 @@ def oracle_meta_loss(
     return torch.stack(losses).mean()
 
 
-def oracle_meta_step(
-    learner: MetaLearner,
-    batch: TaskBatch,
-    iteration: int = 0,
-    multi_step_iterations: int = 0,
-    first_order: bool = False,
-):
-    loss = oracle_meta_loss(learner, batch, iteration, multi_step_iterations, first_order)
-    named = [(n, p) for n, p in learner.named_parameters() if p.requires_grad]
-    grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
-    return loss.detach(), {
-        n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(named, grads)
-    }
+def reference_meta_step(learner: MetaLearner, batch: TaskBatch, iteration: int):
+    return with_gradients(learner, reference_meta_loss(learner, batch, iteration))

@@ -1,0 +1,47 @@
+"""A prepared dataset as training and evaluation read it: manifest, window spec, task tables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from melo_dist.config import DataConfig
+from melo_dist.data.prepare import load_manifest
+from melo_dist.data.tasks import TaskRows, WindowSpec
+
+
+@dataclass
+class Dataset:
+    path: Path
+    manifest: dict
+    spec: WindowSpec
+    valid: TaskRows  # the fixed validation users (data.valid_users)
+
+    @cached_property
+    def train(self) -> TaskRows:
+        """The training users, read on first use (Ray workers get theirs from Ray Data)."""
+        return self.split("train")
+
+    def split(self, name: str) -> TaskRows:
+        return TaskRows.from_parquet(str(self.path / f"tasks-{name}.parquet"))
+
+    @property
+    def num_items(self) -> int:
+        return self.manifest["vocab_size"] - 1
+
+    @property
+    def levels(self) -> list[float]:
+        return self.manifest["rating_levels"]
+
+
+def load_dataset(config: DataConfig) -> Dataset:
+    """The dataset of `data.path`; a missing or foreign folder is an error naming it."""
+    path = Path(config.path)
+    manifest = load_manifest(path)
+    valid = TaskRows.from_parquet(str(path / "tasks-valid.parquet"))
+    if config.valid_users and len(valid) > config.valid_users:
+        valid = valid.take(np.arange(config.valid_users))
+    return Dataset(path, manifest, WindowSpec(config.window, config.support, config.query), valid)

@@ -1,0 +1,20 @@
+"""Process-wide set-up and the one logging helper every entry point and worker uses."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+
+def log(message: str) -> None:
+    print(f"[melo-dist] {message}", file=sys.stderr, flush=True)
+
+
+def prepare_process(threads: int) -> None:
+    """Once per training or benchmark process: torch threads (0 = leave as is) and flushed
+    denormals (they slowed the reference's CPU meta-iterations almost 3x as training went on;
+    DESIGN §4)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)

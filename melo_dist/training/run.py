@@ -1,0 +1,164 @@
+"""One training run's state: the learner, its optimisers, the iteration, the best validation.
+
+Three optimisers, one per parameter group: the recommender (Adam, cosine decay, grad-norm
+clipping), the inner-loss weight net (Adam, cosine decay) and the inner learning rates (Adam).
+`gradients` and `apply` are the two halves of a meta-iteration; a distributed worker averages
+the gradients across ranks in between.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from melo_dist.config import Config
+from melo_dist.data.dataset import Dataset
+from melo_dist.data.seeds import derive_seed
+from melo_dist.data.tasks import TaskBatch
+from melo_dist.errors import InputError
+from melo_dist.meta import build_learner, meta_step
+from melo_dist.training.checkpoint import (
+    BEST,
+    LAST,
+    append_metrics,
+    load_checkpoint,
+    manifest_hash,
+    save_checkpoint,
+)
+from melo_dist.training.evaluation import collect_targets, eval_batches, evaluate_learner
+
+GROUPS = ("backbone", "weight_net", "inner_lrs")  # one optimiser each, by parameter prefix
+
+
+class TrainingRun:
+    def __init__(
+        self, config: Config, data: Dataset, rank: int = 0, device: torch.device | str = "cpu"
+    ) -> None:
+        self.config, self.data, self.rank, self.device = config, data, rank, torch.device(device)
+        torch.manual_seed(config.run.seed)
+        self.learner = build_learner(config, data.num_items, data.levels)
+        if config.run.init_from:
+            init_embeddings(self.learner, config.run.init_from)
+        self.learner.to(self.device)
+        optim = config.optim
+        self.params = {
+            group: [p for n, p in self.learner.named_parameters() if n.startswith(group + ".")]
+            for group in GROUPS
+        }
+        settings = {
+            "backbone": (optim.lr, optim.lr_min),
+            "weight_net": (optim.encoder_lr, optim.encoder_lr_min),
+            "inner_lrs": (optim.lslr_lr, None),
+        }
+        self.optimizers, self.schedulers = {}, {}
+        for group, params in self.params.items():
+            if params:
+                lr, floor = settings[group]
+                self.optimizers[group] = torch.optim.Adam(params, lr=lr)
+                if floor is not None:
+                    self.schedulers[group] = torch.optim.lr_scheduler.CosineAnnealingLR(
+                        self.optimizers[group], T_max=optim.iterations, eta_min=floor
+                    )
+        self.iteration, self.best_rmse = 0, math.inf
+        valid_batches = list(eval_batches(data.valid, data.spec, config.data.eval_seed))
+        self.valid_targets = collect_targets(valid_batches)
+        self.valid_batches = [batch.to(self.device) for batch in valid_batches]
+
+    def gradients(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # dropout masks from (seed, iteration, rank): reproducible, so no RNG state to save
+        torch.manual_seed(derive_seed(self.config.run.seed, self.iteration, self.rank))
+        return meta_step(self.learner, batch.to(self.device), self.iteration)
+
+    def apply(self, grads: dict[str, torch.Tensor], loss: float) -> None:
+        """One optimiser step with the (all-reduced) gradients. A non-finite meta-loss stops the
+        run: every later step, checkpoint and validation would be silently meaningless."""
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"the meta-loss became {loss} at iteration {self.iteration + 1}; "
+                "the learning rates (optim.lr, meta.inner_lr, optim.encoder_lr) are too high"
+            )
+        for name, param in self.learner.named_parameters():
+            param.grad = grads[name]
+        torch.nn.utils.clip_grad_norm_(self.params["backbone"], self.config.optim.clip)
+        for optimizer in self.optimizers.values():
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        for scheduler in self.schedulers.values():
+            scheduler.step()
+        self.iteration += 1
+
+    def at_checkpoint(self) -> bool:
+        return (
+            self.iteration % self.config.run.validate_every == 0
+            or self.iteration == self.config.optim.iterations
+        )
+
+    def validate(self) -> dict:
+        return evaluate_learner(self.learner, self.valid_batches, self.valid_targets)
+
+    def checkpoint(self, out: Path, losses: list[float], seconds: float) -> dict:
+        """Validate, write last.pt (and best.pt when validation RMSE improved) and append the
+        metrics record to `out`; returns the record. `seconds`: the training time of `losses`."""
+        metrics = self.validate()
+        improved = metrics["rmse"] < self.best_rmse
+        self.best_rmse = min(self.best_rmse, metrics["rmse"])
+        state = self.state_dict()
+        save_checkpoint(out / LAST, state)
+        if improved:
+            save_checkpoint(out / BEST, state)
+        record = {
+            "iteration": self.iteration,
+            "loss": float(np.mean(losses)),
+            "valid_rmse": metrics["rmse"],
+            "valid_mae": metrics["mae"],
+            "best_valid_rmse": self.best_rmse,
+            "seconds_per_iteration": seconds / len(losses),
+        }
+        append_metrics(out, record)
+        return record
+
+    def state_dict(self) -> dict:
+        return {
+            "learner": self.learner.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "iteration": self.iteration,
+            "best_rmse": self.best_rmse,
+            "config": self.config.to_dict(),
+            "manifest_sha256": manifest_hash(self.data.path),
+            "num_items": self.data.num_items,
+            "rating_levels": self.data.levels,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["manifest_sha256"] != manifest_hash(self.data.path):
+            raise InputError(
+                "checkpoint was trained on a different dataset (manifest differs)",
+                path=self.data.path,
+            )
+        self.learner.load_state_dict(state["learner"])
+        for key, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][key])
+        for key, scheduler in self.schedulers.items():
+            scheduler.load_state_dict(state["schedulers"][key])
+        self.iteration, self.best_rmse = state["iteration"], state["best_rmse"]
+
+
+def init_embeddings(learner: torch.nn.Module, checkpoint: str) -> None:
+    """Start item (and position) embeddings from a trained `basic` model, as the reference."""
+    state = load_checkpoint(checkpoint)["learner"]
+    own = learner.state_dict()
+    names = [n for n in own if n.endswith("embedding.weight") and n in state]
+    if not names:
+        raise InputError("checkpoint has no embeddings to initialise from", path=checkpoint)
+    for name in names:
+        if state[name].shape != own[name].shape:
+            raise InputError(
+                f"{name} has shape {tuple(state[name].shape)} in the checkpoint, "
+                f"{tuple(own[name].shape)} here",
+                path=checkpoint,
+            )
+        own[name].copy_(state[name])
