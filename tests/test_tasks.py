@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from melo_dist.data.synthetic import random_task_rows
 from melo_dist.data.tasks import TaskRows, WindowSpec, sample_tasks
 
 
@@ -127,3 +128,20 @@ def test_rows_from_lists_and_parquet_agree(synthetic_dir):
     batch = sample_tasks(rows.take(np.arange(16)), seed=0, train=False)
     assert batch.support_items.dtype == torch.int64 and batch.support_ratings.dtype == torch.float32
     assert len(batch) == 16
+
+
+def test_local_item_ids_round_trip_and_keep_padding():
+    rows = random_task_rows(5, 1000, (3, 40), seed=3)
+    batch = sample_tasks(rows, WindowSpec(length=10, support=6, query=3), seed=1, train=True)
+    local, table_rows = batch.with_local_items()
+    for name in ("support_items", "query_items"):
+        original, renumbered = getattr(batch, name), getattr(local, name)
+        assert ((renumbered == 0) == (original == 0)).all()  # padding stays 0
+        restored = torch.stack([table_rows[b][renumbered[b]] for b in range(len(batch))])
+        assert torch.equal(restored, original)
+    # each task's rows are its distinct items (and the padding row), no more
+    for b in range(len(batch)):
+        used = torch.cat([batch.support_items[b].flatten(), batch.query_items[b].flatten()])
+        distinct = torch.unique(torch.cat([used, used.new_zeros(1)]))
+        assert torch.equal(table_rows[b][: len(distinct)], distinct)
+        assert (table_rows[b][len(distinct) :] == 0).all()

@@ -17,7 +17,7 @@ user, and a training iteration's tasks are the same whether one worker or many c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import pyarrow as pa
@@ -110,6 +110,28 @@ class TaskBatch:
 
     def to(self, device: torch.device | str) -> TaskBatch:
         return TaskBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def with_local_items(self) -> tuple[TaskBatch, torch.Tensor]:
+        """Renumber each task's items 0..U-1 in ascending id order (0 stays padding); returns
+        the renumbered batch and `rows` [B, U]: the catalogue id of each task's local id, so
+        that `table[rows]` is each task's own slice of an item table."""
+        support, query = self.support_items, self.query_items
+        items = torch.cat([support.flatten(1), query.flatten(1)], dim=1)
+        items = torch.cat([items.new_zeros(len(self), 1), items], dim=1)  # every task has 0
+        ordered, order = items.sort(dim=1)
+        first = torch.ones_like(ordered, dtype=torch.bool)
+        first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+        local_sorted = first.cumsum(dim=1) - 1
+        local = torch.empty_like(items).scatter_(1, order, local_sorted)
+        rows = items.new_zeros(len(self), int(local_sorted.max()) + 1)
+        rows.scatter_(1, local_sorted, ordered)
+        split = 1 + support[0].numel()
+        batch = replace(
+            self,
+            support_items=local[:, 1:split].view(support.shape),
+            query_items=local[:, split:].view(query.shape),
+        )
+        return batch, rows
 
     def __len__(self) -> int:
         return self.support_items.shape[0]

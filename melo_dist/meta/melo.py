@@ -28,7 +28,7 @@ from torch.func import functional_call, vmap
 from melo_dist.config import MetaConfig
 from melo_dist.data.tasks import TaskBatch
 from melo_dist.meta.weighting import InnerWeighting
-from melo_dist.models import EMBEDDING_PREFIXES
+from melo_dist.models import EMBEDDING_PREFIXES, ITEM_TABLES
 
 Params = dict[str, torch.Tensor]
 WINDOW_DIMS = (-2, -1)  # a task's support/query windows [..., S, L]
@@ -98,6 +98,7 @@ class MetaLearner(nn.Module):
         super().__init__()
         self.backbone, self.weight_net = backbone, weight_net
         self.adapted = adapted_names(backbone, meta.adapt)
+        self.item_tables = [name for name, _ in backbone.named_parameters() if name in ITEM_TABLES]
         self.steps = meta.inner_steps
         self.first_order = meta.first_order
         self.multi_step_iterations = meta.multi_step_iterations
@@ -115,8 +116,19 @@ class MetaLearner(nn.Module):
     def predict(self, batch: TaskBatch) -> torch.Tensor:
         return predict_targets(self, batch)
 
+    def task_params(self, rows: torch.Tensor) -> Params:
+        """Each task's own parameters [B, ...]: the rows [B, U] of the item tables its windows
+        use (a catalogue-sized table per task would cost [B, items, dim] per inner step; the
+        other rows get zero gradient, so they keep the meta weights exactly), and the other
+        adapted parameters expanded (no copy)."""
+        params = dict(self.backbone.named_parameters())
+        own = {name: params[name][rows] for name in self.item_tables}
+        for name in self.adapted:
+            own.setdefault(name, params[name].expand(len(rows), *params[name].shape))
+        return own
+
     def forward_tasks(self, fast: Params, items: torch.Tensor) -> torch.Tensor:
-        """Per-task predictions [B, W, L]: `fast` holds [B, ...] tensors for adapted names."""
+        """Per-task predictions [B, W, L]: `fast` holds the [B, ...] per-task parameters."""
         params = {**dict(self.backbone.named_parameters()), **fast}
         in_dims = ({name: 0 if name in fast else None for name in params}, 0)
         return vmap(
@@ -128,11 +140,16 @@ class MetaLearner(nn.Module):
     # -- 2. the inner loop ------------------------------------------------------------------
 
     def adapt(
-        self, items: torch.Tensor, ratings: torch.Tensor, mask: torch.Tensor, create_graph: bool
+        self,
+        rows: torch.Tensor,
+        items: torch.Tensor,
+        ratings: torch.Tensor,
+        mask: torch.Tensor,
+        create_graph: bool,
     ) -> list[Params]:
-        """J inner steps on the support windows [B, S, L]; the fast weights after each step."""
-        params = dict(self.backbone.named_parameters())
-        fast = {n: params[n].expand(len(items), *params[n].shape) for n in self.adapted}
+        """J inner steps on the support windows [B, S, L] (items in task-local ids, `rows`
+        their catalogue ids); the per-task parameters after each step."""
+        fast = self.task_params(rows)
         task_weights = self.weight_net(ratings, mask)  # once per task, not once per step
         target = ratings / self.scale
         trajectory = []
@@ -140,10 +157,14 @@ class MetaLearner(nn.Module):
             pred = self.forward_tasks(fast, items)
             weights = self.weight_net.at_step(task_weights, pred - target)
             loss = weighted_loss(pred, target, mask, weights).sum()
-            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)
+            adapted = [fast[name] for name in self.adapted]
+            grads = torch.autograd.grad(loss, adapted, create_graph=create_graph)
             fast = {
-                name: value - self.inner_lrs[lr_key(name)][step] * grad
-                for (name, value), grad in zip(fast.items(), grads)
+                **fast,
+                **{
+                    name: fast[name] - self.inner_lrs[lr_key(name)][step] * grad
+                    for name, grad in zip(self.adapted, grads)
+                },
             }
             trajectory.append(fast)
         return trajectory
@@ -160,8 +181,9 @@ def meta_loss(learner: MetaLearner, batch: TaskBatch, iteration: int) -> torch.T
     would reward the inner loop for memorising its support set.
     """
     create_graph = learner.training and not learner.first_order
+    batch, rows = batch.with_local_items()
     trajectory = learner.adapt(
-        batch.support_items, batch.support_ratings, batch.support_mask, create_graph=create_graph
+        rows, batch.support_items, batch.support_ratings, batch.support_mask, create_graph
     )
     importance = step_importance(learner.steps, iteration, learner.multi_step_iterations)
     target = batch.query_ratings / learner.scale
@@ -200,9 +222,10 @@ def with_gradients(
 
 def predict_targets(learner: MetaLearner, batch: TaskBatch) -> torch.Tensor:
     """[B, Q] predicted rating (rating scale) of each query's last position, after adaptation."""
+    batch, rows = batch.with_local_items()
     with torch.enable_grad():  # the inner loop needs gradients even when evaluating
         trajectory = learner.adapt(
-            batch.support_items, batch.support_ratings, batch.support_mask, create_graph=False
+            rows, batch.support_items, batch.support_ratings, batch.support_mask, False
         )
     fast = {name: value.detach() for name, value in trajectory[-1].items()}
     with torch.no_grad():
