@@ -18,6 +18,8 @@ from melo_dist.errors import InputError
 BACKBONES = ("gru4rec", "narm", "sasrec", "bert4rec")
 REGIMES = ("basic", "maml", "melo", "focal", "class_balanced", "stats_mlp")
 ADAPT = ("all", "no_embeddings", "head")
+HEADS = ("reference", "bias")
+QUERY_LOSSES = ("last", "all")
 
 
 @dataclass
@@ -33,6 +35,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "sasrec"  # gru4rec | narm | sasrec | bert4rec
+    head: str = "bias"  # bias: global + item + user bias + linear | reference: 0.1 + sigmoid
+    sequence_term: bool = True  # bias head: false drops linear(features), the bias model alone
     dim: int = 32  # embedding and hidden size
     dropout: float = 0.1
     gru_layers: int = 2  # GRU4Rec depth
@@ -51,7 +55,10 @@ class MetaConfig:
     inner_steps: int = 3
     first_order: bool = False  # second order by default, as the reference
     inner_lr: float = 1e-3  # LSLR initial value (per parameter, per step, learned)
+    bias_inner_lr: float = 0.5  # LSLR initial value of the bias head's user bias (0.5: one
+    # plain-MSE step moves it to the support's mean residual)
     adapt: str = "all"  # all | no_embeddings | head
+    query_loss: str = "last"  # outer loss on each query's target (last) or every position (all)
     tasks_per_batch: int = 16  # the meta-batch (global, across workers)
     multi_step_iterations: int = 1000  # MAML++ multi-step loss for the first N iterations
 
@@ -90,6 +97,8 @@ class Config:
             ("model.backbone", self.model.backbone in BACKBONES, f"one of {BACKBONES}"),
             ("meta.regime", self.meta.regime in REGIMES, f"one of {REGIMES}"),
             ("meta.adapt", self.meta.adapt in ADAPT, f"one of {ADAPT}"),
+            ("model.head", self.model.head in HEADS, f"one of {HEADS}"),
+            ("meta.query_loss", self.meta.query_loss in QUERY_LOSSES, f"one of {QUERY_LOSSES}"),
             (
                 "model.encoder_output",
                 self.model.encoder_output in ("abs", "softmax"),

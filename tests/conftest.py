@@ -6,11 +6,16 @@ import gzip
 from pathlib import Path
 
 import pytest
+import torch
 
 from melo_dist.config import Config
 from melo_dist.data.prepare import PrepareSettings, prepare
 from melo_dist.data.synthetic import SyntheticSpec, generate_ratings
 from melo_dist.paths import shared_data_dir
+
+# Tests use tiny models: a second torch thread only adds waiting, and on a busy machine an
+# OpenMP thread that has to wait for a core turns a microsecond matmul into ~15 ms.
+torch.set_num_threads(1)
 
 
 def shared_file(relative: str) -> Path:

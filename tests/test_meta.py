@@ -18,9 +18,9 @@ ITEMS = 40
 INNER_LOSSES = ("maml", "melo", "focal", "class_balanced", "stats_mlp")
 
 
-def small_config(backbone: str, regime: str, **meta) -> Config:
+def small_config(backbone: str, regime: str, head: str = "bias", **meta) -> Config:
     config = Config()
-    config.model.backbone, config.meta.regime = backbone, regime
+    config.model.backbone, config.meta.regime, config.model.head = backbone, regime, head
     config.model.dim, config.model.heads, config.model.ffn = 8, 2, 16
     config.model.dropout, config.model.max_length, config.data.window = 0.0, 8, 8
     config.model.encoder_embed, config.model.encoder_hidden = 4, 8
@@ -45,7 +45,11 @@ def small_batch(tasks: int = 3, seed: int = 0, dtype=torch.float64) -> TaskBatch
 
 def learner_for(config: Config, seed: int = 0):
     torch.manual_seed(seed)
-    return build_learner(config, ITEMS, LEVELS).double()
+    learner = build_learner(config, ITEMS, LEVELS).double()
+    if config.model.head == "bias":  # as training starts it: from rating statistics
+        item_bias = torch.randn(ITEMS + 1, generator=torch.Generator().manual_seed(seed))
+        learner.backbone.head.init_from_ratings(0.7, 0.1 * item_bias)
+    return learner
 
 
 def assert_same(grads: dict, expected: dict, rtol: float = 1e-5) -> None:
@@ -56,13 +60,20 @@ def assert_same(grads: dict, expected: dict, rtol: float = 1e-5) -> None:
         assert error < rtol, f"{name}: relative error {error:.2e}"
 
 
+@pytest.mark.parametrize(("head", "query_loss"), [("bias", "last"), ("reference", "all")])
 @pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
 @pytest.mark.parametrize("regime", INNER_LOSSES)
 @pytest.mark.parametrize("backbone", BACKBONES)
-def test_batched_meta_step_matches_per_task_loop(backbone, regime, first_order):
+def test_batched_meta_step_matches_per_task_loop(backbone, regime, first_order, head, query_loss):
     # iteration 3 of a 10-iteration multi-step phase: every step's query loss counts
     config = small_config(
-        backbone, regime, inner_steps=2, multi_step_iterations=10, first_order=first_order
+        backbone,
+        regime,
+        head,
+        inner_steps=2,
+        multi_step_iterations=10,
+        first_order=first_order,
+        query_loss=query_loss,
     )
     learner = learner_for(config)
     batch = small_batch()
@@ -109,14 +120,19 @@ def test_melo_with_constant_weights_is_maml(backbone):
 
 
 @pytest.mark.parametrize(
-    ("adapt", "expected"),
+    ("head", "adapt", "expected"),
     [
-        ("head", {"head.weight", "head.bias"}),
-        ("no_embeddings", None),
+        ("reference", "head", {"head.weight", "head.bias"}),
+        (
+            "bias",
+            "head",
+            {"head.linear.weight", "head.linear.bias", "head.item_bias.weight", "head.user_bias"},
+        ),
+        ("reference", "no_embeddings", None),
     ],
 )
-def test_adapted_parameter_choice(adapt, expected):
-    learner = learner_for(small_config("sasrec", "melo", adapt=adapt))
+def test_adapted_parameter_choice(head, adapt, expected):
+    learner = learner_for(small_config("sasrec", "melo", head, adapt=adapt))
     names = set(learner.adapted)
     if expected is not None:
         assert names == expected
@@ -139,13 +155,29 @@ def test_step_importance_anneals_onto_the_last_step():
 
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_backbone_output_range_and_shapes(backbone):
-    learner = learner_for(small_config(backbone, "melo"))
+    learner = learner_for(small_config(backbone, "melo", "reference"))
     items = torch.randint(0, ITEMS + 1, (2, 3, 8))
     items[..., -1] = 1  # the last position is always real
     pred = learner.backbone(items)
     assert pred.shape == items.shape
-    assert (pred > 0.1).all() and (pred < 1.1).all()
+    assert (pred > 0.1).all() and (pred < 1.1).all()  # the reference head's range
     assert torch.allclose(learner.backbone(items[0, 0]), pred[0, 0])  # any leading dims
+
+
+def test_bias_head_starts_as_the_item_bias_predictor_and_adapts_the_user_bias():
+    learner = learner_for(small_config("gru4rec", "maml", inner_steps=1))
+    learner.backbone.head.linear.weight.data.zero_()
+    items = torch.randint(1, ITEMS + 1, (2, 8))
+    expected = 0.7 + learner.backbone.head.item_bias.weight[items, 0]
+    assert torch.allclose(learner.backbone(items), expected)
+    assert learner.inner_lrs["head__user_bias"].tolist() == [0.5]  # meta.bias_inner_lr
+    batch = small_batch()
+    local, rows = batch.with_local_items()
+    fast = learner.adapt(
+        rows, local.support_items, local.support_ratings, local.support_mask, False
+    )
+    user_bias = fast[-1]["head.user_bias"]
+    assert user_bias.shape == (len(batch),) and (user_bias != 0).all()  # one per task
 
 
 def test_predictions_are_on_the_rating_scale_and_half_stars_work():

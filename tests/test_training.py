@@ -15,8 +15,16 @@ from melo_dist.data.dataset import load_dataset
 from melo_dist.data.sampler import EpochSampler
 from melo_dist.errors import InputError
 from melo_dist.training.checkpoint import BEST, LAST, load_checkpoint
-from melo_dist.training.evaluation import Targets, evaluate_checkpoints, score
-from melo_dist.training.loop import train_local
+from melo_dist.training.evaluation import (
+    Targets,
+    collect_targets,
+    eval_batches,
+    evaluate_checkpoints,
+    evaluate_learner,
+    reference_points,
+    score,
+)
+from melo_dist.training.loop import train, train_local
 from melo_dist.training.run import TrainingRun
 
 
@@ -184,3 +192,25 @@ def test_cli_train_and_evaluate(synthetic_dir, tmp_path, capsys):
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert {line["model"] for line in lines} >= {"global mean", "item mean", "support mean"}
     assert main(["evaluate", "--checkpoint", str(tmp_path / "nothing")]) == 2
+
+
+def test_bias_head_alone_learns_the_bias_model(synthetic_dir, tmp_path):
+    """With the sequence term off and the item biases started from 0, the outer loop has to
+    learn every item's effect and the inner loop each user's offset: together they must reach
+    the bias reference point (within 1 %); without the inner loop it does not."""
+    config = tiny_config(
+        synthetic_dir, tmp_path, 300, tasks=16, regime="maml", adapt="head", inner_steps=1
+    )
+    config.model.sequence_term, config.optim.lr = False, 0.01
+    data = load_dataset(config.data)
+    run = TrainingRun(config, data)
+    run.learner.backbone.head.item_bias.weight.data.zero_()
+    sampler = EpochSampler(data.train, data.spec, 0, config.meta.tasks_per_batch)
+    train(run, sampler.batches(0), save=lambda losses, seconds: None, log=lambda m: None)
+    batches = list(eval_batches(data.split("test"), data.spec, config.data.eval_seed))
+    targets = collect_targets(batches)
+    bias_model = reference_points(data.train, targets, data.num_items)["bias model"]["rmse"]
+    assert evaluate_learner(run.learner, batches, targets)["rmse"] < 1.01 * bias_model
+    for rate in run.learner.inner_lrs.values():  # no adaptation: the item biases alone
+        rate.data.zero_()
+    assert evaluate_learner(run.learner, batches, targets)["rmse"] > 1.02 * bias_model

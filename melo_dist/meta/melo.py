@@ -83,6 +83,12 @@ def adapted_names(backbone: nn.Module, adapt: str) -> list[str]:
     return names
 
 
+def initial_lr(name: str, meta: MetaConfig) -> float:
+    """LSLR start: meta.inner_lr, but meta.bias_inner_lr for the bias head's user bias (a step
+    of 1e-3 would leave it where it starts)."""
+    return meta.bias_inner_lr if name == "head.user_bias" else meta.inner_lr
+
+
 def lr_key(name: str) -> str:
     """ParameterDict keys cannot contain '.'."""
     return name.replace(".", "__")
@@ -101,10 +107,11 @@ class MetaLearner(nn.Module):
         self.item_tables = [name for name, _ in backbone.named_parameters() if name in ITEM_TABLES]
         self.steps = meta.inner_steps
         self.first_order = meta.first_order
+        self.query_loss = meta.query_loss
         self.multi_step_iterations = meta.multi_step_iterations
         self.inner_lrs = nn.ParameterDict(
             {
-                lr_key(name): nn.Parameter(torch.full((meta.inner_steps,), meta.inner_lr))
+                lr_key(name): nn.Parameter(torch.full((meta.inner_steps,), initial_lr(name, meta)))
                 for name in self.adapted
             }
         )
@@ -176,9 +183,10 @@ class MetaLearner(nn.Module):
 def meta_loss(learner: MetaLearner, batch: TaskBatch, iteration: int) -> torch.Tensor:
     """The meta-batch's outer loss: mean over tasks of the query MSE after adaptation.
 
-    Only each query's last position (the target) is scored, as in evaluation: the earlier
-    positions of a query are interactions the support windows already hold, so scoring them
-    would reward the inner loop for memorising its support set.
+    By default only each query's last position (the target) is scored, as in evaluation: the
+    earlier positions of a query are interactions the support windows already hold, so scoring
+    them rewards the inner loop for memorising its support set. meta.query_loss=all scores every
+    position, as the authors' code does.
     """
     create_graph = learner.training and not learner.first_order
     batch, rows = batch.with_local_items()
@@ -187,7 +195,7 @@ def meta_loss(learner: MetaLearner, batch: TaskBatch, iteration: int) -> torch.T
     )
     importance = step_importance(learner.steps, iteration, learner.multi_step_iterations)
     target = batch.query_ratings / learner.scale
-    scored = last_position(batch.query_mask)
+    scored = last_position(batch.query_mask) if learner.query_loss == "last" else batch.query_mask
     loss = batch.query_ratings.new_zeros(())
     for fast, weight in zip(trajectory, importance):
         if weight > 0:

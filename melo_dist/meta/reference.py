@@ -50,10 +50,11 @@ def reference_meta_loss(learner: MetaLearner, batch: TaskBatch, iteration: int) 
                 q_pred = functional_call(
                     learner.backbone, {**params, **fast}, (batch.query_items[b],)
                 )
-                # the outer loss scores each query's last position (its target) only
-                q_valid = batch.query_mask[b][:, -1]
-                q_se = (q_pred[:, -1] - batch.query_ratings[b][:, -1] / scale) ** 2
-                task_loss = task_loss + importance[step] * q_se[q_valid].mean()
+                q_mask = batch.query_mask[b]
+                if learner.query_loss == "last":  # each query's target only
+                    q_mask = q_mask & (torch.arange(q_mask.shape[-1]) == q_mask.shape[-1] - 1)
+                q_se = (q_pred - batch.query_ratings[b] / scale) ** 2
+                task_loss = task_loss + importance[step] * q_se[q_mask].mean()
         losses.append(task_loss)
     return torch.stack(losses).mean()
 

@@ -14,7 +14,7 @@ BACKBONE_CLASSES = {"gru4rec": GRU4Rec, "narm": NARM, "sasrec": SASRec, "bert4re
 # Parameters that hold embeddings: excluded when only the rest adapts (meta.adapt).
 EMBEDDING_PREFIXES = ("item_embedding.", "position_embedding.")
 # Parameters indexed by item id: each task adapts only the rows its windows use.
-ITEM_TABLES = ("item_embedding.weight",)
+ITEM_TABLES = ("item_embedding.weight", "head.item_bias.weight")
 
 
 def build_backbone(config: ModelConfig, num_items: int) -> nn.Module:

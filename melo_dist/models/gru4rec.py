@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from melo_dist.config import ModelConfig
-from melo_dist.models.layers import GRU, embed_items, rating_output
+from melo_dist.models.heads import build_head
+from melo_dist.models.layers import GRU, embed_items
 
 
 class GRU4Rec(nn.Module):
@@ -19,9 +20,9 @@ class GRU4Rec(nn.Module):
         self.dropout = config.dropout
         self.item_embedding = nn.Embedding(num_items + 1, config.dim, padding_idx=0)
         self.gru = GRU(config.dim, config.dim, num_layers=config.gru_layers)
-        self.head = nn.Linear(config.dim, 1)
+        self.head = build_head(config, config.dim, num_items)
 
     def forward(self, item_seq: torch.Tensor) -> torch.Tensor:
         """[..., L] item ids (0 = padding) -> [..., L] predicted rating / 5."""
         x = F.dropout(embed_items(self.item_embedding, item_seq), self.dropout, self.training)
-        return rating_output(self.head(self.gru(x)).squeeze(-1))
+        return self.head(self.gru(x), item_seq)

@@ -14,11 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def rating_output(x: torch.Tensor) -> torch.Tensor:
-    """The reference's output range: 0.1 + sigmoid, compared with rating / 5."""
-    return 0.1 + torch.sigmoid(x)
-
-
 def embed_items(embedding: nn.Embedding, item_seq: torch.Tensor) -> torch.Tensor:
     """Item embeddings with padding (id 0) forced to zero.
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from melo_dist.config import ModelConfig
-from melo_dist.models.layers import GRU, attention_mask, embed_items, rating_output
+from melo_dist.models.heads import build_head
+from melo_dist.models.layers import GRU, attention_mask, embed_items
 
 
 class NARM(nn.Module):
@@ -24,7 +25,7 @@ class NARM(nn.Module):
         self.key_proj = nn.Linear(config.dim, config.dim, bias=False)
         self.query_proj = nn.Linear(config.dim, config.dim, bias=False)
         self.score = nn.Linear(config.dim, 1, bias=False)
-        self.head = nn.Linear(2 * config.dim, 1)
+        self.head = build_head(config, 2 * config.dim, num_items)
 
     def forward(self, item_seq: torch.Tensor) -> torch.Tensor:
         """[..., L] item ids (0 = padding) -> [..., L] predicted rating / 5."""
@@ -37,4 +38,4 @@ class NARM(nn.Module):
         weights = scores.masked_fill(~mask, 0.0)  # NARM's attention is not normalised
         local = weights @ states
         features = F.dropout(torch.cat([local, states], dim=-1), self.dropout, self.training)
-        return rating_output(self.head(features).squeeze(-1))
+        return self.head(features, item_seq)

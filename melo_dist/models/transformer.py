@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from melo_dist.config import ModelConfig
-from melo_dist.models.layers import TransformerBlock, attention_mask, embed_items, rating_output
+from melo_dist.models.heads import build_head
+from melo_dist.models.layers import TransformerBlock, attention_mask, embed_items
 
 
 class SelfAttentiveRegressor(nn.Module):
@@ -28,7 +29,7 @@ class SelfAttentiveRegressor(nn.Module):
             TransformerBlock(config.dim, config.heads, config.ffn, config.dropout)
             for _ in range(config.blocks)
         )
-        self.head = nn.Linear(config.dim, 1)
+        self.head = build_head(config, config.dim, num_items)
 
     def forward(self, item_seq: torch.Tensor) -> torch.Tensor:
         """[..., L] item ids (0 = padding) -> [..., L] predicted rating / 5."""
@@ -38,7 +39,7 @@ class SelfAttentiveRegressor(nn.Module):
         mask = attention_mask(item_seq, causal=self.causal)
         for block in self.blocks:
             x = block(x, mask)
-        return rating_output(self.head(x).squeeze(-1))
+        return self.head(x, item_seq)
 
 
 class SASRec(SelfAttentiveRegressor):

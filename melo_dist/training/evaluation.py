@@ -102,13 +102,20 @@ def evaluate_learner(learner: torch.nn.Module, batches: list[TaskBatch], targets
     return score(pred, targets)
 
 
-def reference_points(train: TaskRows, targets: Targets, num_items: int) -> dict[str, dict]:
-    """Scores of the four reference predictors on the same targets."""
+def bias_statistics(train: TaskRows, num_items: int) -> tuple[float, np.ndarray]:
+    """The bias model's global mean and shrunk item biases [num_items + 1] (rating scale)."""
     mu = float(train.ratings.mean())
     item_count = np.bincount(train.items, minlength=num_items + 1)
     item_sum = np.bincount(train.items, weights=train.ratings, minlength=num_items + 1)
+    return mu, (item_sum - mu * item_count) / (ITEM_SHRINK + item_count)
+
+
+def reference_points(train: TaskRows, targets: Targets, num_items: int) -> dict[str, dict]:
+    """Scores of the four reference predictors on the same targets."""
+    mu, item_bias = bias_statistics(train, num_items)
+    item_count = np.bincount(train.items, minlength=num_items + 1)
+    item_sum = np.bincount(train.items, weights=train.ratings, minlength=num_items + 1)
     item_mean = np.where(item_count > 0, item_sum / np.maximum(item_count, 1), mu)
-    item_bias = (item_sum - mu * item_count) / (ITEM_SHRINK + item_count)
     user_bias = np.array(
         [
             (ratings - mu - item_bias[items]).sum() / (USER_SHRINK + len(ratings))

@@ -28,7 +28,12 @@ from melo_dist.training.checkpoint import (
     manifest_hash,
     save_checkpoint,
 )
-from melo_dist.training.evaluation import collect_targets, eval_batches, evaluate_learner
+from melo_dist.training.evaluation import (
+    bias_statistics,
+    collect_targets,
+    eval_batches,
+    evaluate_learner,
+)
 
 GROUPS = ("backbone", "weight_net", "inner_lrs")  # one optimiser each, by parameter prefix
 
@@ -40,6 +45,12 @@ class TrainingRun:
         self.config, self.data, self.rank, self.device = config, data, rank, torch.device(device)
         torch.manual_seed(config.run.seed)
         self.learner = build_learner(config, data.num_items, data.levels)
+        if config.model.head == "bias":  # every rank computes the same values
+            mean, item_bias = bias_statistics(data.train, data.num_items)
+            scale = self.learner.scale
+            self.learner.backbone.head.init_from_ratings(
+                mean / scale, torch.tensor(item_bias / scale, dtype=torch.float32)
+            )
         if config.run.init_from:
             init_embeddings(self.learner, config.run.init_from)
         self.learner.to(self.device)

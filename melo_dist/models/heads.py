@@ -1,0 +1,59 @@
+"""Rating heads: per-position features [..., L, F] (and the item ids) -> rating / scale [..., L].
+
+- `reference`: the MELO reference's `0.1 + sigmoid(linear(features))`.
+- `bias`: a baseline-predictor head (Koren): global mean + item bias + user bias +
+  linear(features), unsquashed. The global mean and item biases start from the training
+  ratings (`init_from_ratings`: those of the bias reference point), the linear starts near 0,
+  and the user bias is one scalar the inner loop adapts per task from 0 with its own inner
+  learning rate (meta.bias_inner_lr). Before adaptation the model predicts like the item-bias
+  baseline; adapted on a user's support it is the bias model plus what the sequence adds.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from melo_dist.config import ModelConfig
+
+
+class ReferenceHead(nn.Linear):
+    def __init__(self, features: int, num_items: int, sequence_term: bool = True) -> None:
+        super().__init__(features, 1)
+
+    def forward(self, features: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
+        return 0.1 + torch.sigmoid(super().forward(features).squeeze(-1))
+
+
+class BiasHead(nn.Module):
+    def __init__(self, features: int, num_items: int, sequence_term: bool = True) -> None:
+        super().__init__()
+        self.linear = nn.Linear(features, 1) if sequence_term else None  # None: bias model only
+        if self.linear is not None:
+            with torch.no_grad():  # start as the bias model: the sequence's part near 0
+                self.linear.weight.mul_(0.01)
+                self.linear.bias.zero_()
+        self.item_bias = nn.Embedding(num_items + 1, 1)
+        nn.init.zeros_(self.item_bias.weight)
+        self.user_bias = nn.Parameter(torch.zeros(()))
+        self.register_buffer("global_mean", torch.zeros(()))
+
+    def forward(self, features: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
+        bias = self.global_mean + self.user_bias + self.item_bias(item_seq).squeeze(-1)
+        if self.linear is None:
+            return bias
+        return bias + self.linear(features).squeeze(-1)
+
+    def init_from_ratings(self, global_mean: float, item_bias: torch.Tensor) -> None:
+        """The bias reference point's global mean and item biases [items + 1], in rating /
+        scale (`melo_dist.training.evaluation.bias_statistics`)."""
+        with torch.no_grad():
+            self.global_mean.fill_(global_mean)
+            self.item_bias.weight.copy_(item_bias.reshape(-1, 1))
+
+
+HEADS = {"reference": ReferenceHead, "bias": BiasHead}
+
+
+def build_head(config: ModelConfig, features: int, num_items: int) -> nn.Module:
+    return HEADS[config.head](features, num_items, config.sequence_term)
