@@ -37,6 +37,7 @@ class ModelConfig:
     backbone: str = "sasrec"  # gru4rec | narm | sasrec | bert4rec
     head: str = "bias"  # bias: global + item + user bias + linear | reference: 0.1 + sigmoid
     sequence_term: bool = True  # bias head: false drops linear(features), the bias model alone
+    user_factors: int = 0  # bias head: k > 0 adds user factors (adapted) . item factors
     dim: int = 32  # embedding and hidden size
     dropout: float = 0.1
     gru_layers: int = 2  # GRU4Rec depth
@@ -55,8 +56,8 @@ class MetaConfig:
     inner_steps: int = 3
     first_order: bool = False  # second order by default, as the reference
     inner_lr: float = 1e-3  # LSLR initial value (per parameter, per step, learned)
-    bias_inner_lr: float = 0.5  # LSLR initial value of the bias head's user bias (0.5: one
-    # plain-MSE step moves it to the support's mean residual)
+    user_inner_lr: float = 0.5  # LSLR initial value of the bias head's user bias and factors
+    # (0.5: one plain-MSE step moves the user bias to the support's mean residual)
     adapt: str = "all"  # all | no_embeddings | head
     query_loss: str = "last"  # outer loss on each query's target (last) or every position (all)
     tasks_per_batch: int = 16  # the meta-batch (global, across workers)
@@ -110,6 +111,7 @@ class Config:
                 "positive and divisible by model.heads",
             ),
             ("model.dropout", 0 <= self.model.dropout < 1, "in [0, 1)"),
+            ("model.user_factors", self.model.user_factors >= 0, ">= 0"),
             ("model.max_length", self.model.max_length >= self.data.window, ">= data.window"),
             ("data.window", self.data.window >= 3, ">= 3"),
             ("meta.inner_steps", self.meta.inner_steps >= 1, ">= 1"),

@@ -21,6 +21,7 @@ INNER_LOSSES = ("maml", "melo", "focal", "class_balanced", "stats_mlp")
 def small_config(backbone: str, regime: str, head: str = "bias", **meta) -> Config:
     config = Config()
     config.model.backbone, config.meta.regime, config.model.head = backbone, regime, head
+    config.model.user_factors = 3 if head == "bias" else 0
     config.model.dim, config.model.heads, config.model.ffn = 8, 2, 16
     config.model.dropout, config.model.max_length, config.data.window = 0.0, 8, 8
     config.model.encoder_embed, config.model.encoder_hidden = 4, 8
@@ -126,7 +127,14 @@ def test_melo_with_constant_weights_is_maml(backbone):
         (
             "bias",
             "head",
-            {"head.linear.weight", "head.linear.bias", "head.item_bias.weight", "head.user_bias"},
+            {
+                "head.linear.weight",
+                "head.linear.bias",
+                "head.item_bias.weight",
+                "head.user_bias",
+                "head.item_factors.weight",
+                "head.user_factors",
+            },
         ),
         ("reference", "no_embeddings", None),
     ],
@@ -170,7 +178,7 @@ def test_bias_head_starts_as_the_item_bias_predictor_and_adapts_the_user_bias():
     items = torch.randint(1, ITEMS + 1, (2, 8))
     expected = 0.7 + learner.backbone.head.item_bias.weight[items, 0]
     assert torch.allclose(learner.backbone(items), expected)
-    assert learner.inner_lrs["head__user_bias"].tolist() == [0.5]  # meta.bias_inner_lr
+    assert learner.inner_lrs["head__user_bias"].tolist() == [0.5]  # meta.user_inner_lr
     batch = small_batch()
     local, rows = batch.with_local_items()
     fast = learner.adapt(

@@ -28,7 +28,7 @@ from torch.func import functional_call, vmap
 from melo_dist.config import MetaConfig
 from melo_dist.data.tasks import TaskBatch
 from melo_dist.meta.weighting import InnerWeighting
-from melo_dist.models import EMBEDDING_PREFIXES, ITEM_TABLES
+from melo_dist.models import EMBEDDING_PREFIXES, ITEM_TABLES, USER_PARAMETERS
 
 Params = dict[str, torch.Tensor]
 WINDOW_DIMS = (-2, -1)  # a task's support/query windows [..., S, L]
@@ -84,9 +84,9 @@ def adapted_names(backbone: nn.Module, adapt: str) -> list[str]:
 
 
 def initial_lr(name: str, meta: MetaConfig) -> float:
-    """LSLR start: meta.inner_lr, but meta.bias_inner_lr for the bias head's user bias (a step
-    of 1e-3 would leave it where it starts)."""
-    return meta.bias_inner_lr if name == "head.user_bias" else meta.inner_lr
+    """LSLR start: meta.inner_lr, but meta.user_inner_lr for the bias head's per-user
+    parameters (they start at 0: a step of 1e-3 would leave them there)."""
+    return meta.user_inner_lr if name in USER_PARAMETERS else meta.inner_lr
 
 
 def lr_key(name: str) -> str:

@@ -14,7 +14,9 @@ BACKBONE_CLASSES = {"gru4rec": GRU4Rec, "narm": NARM, "sasrec": SASRec, "bert4re
 # Parameters that hold embeddings: excluded when only the rest adapts (meta.adapt).
 EMBEDDING_PREFIXES = ("item_embedding.", "position_embedding.")
 # Parameters indexed by item id: each task adapts only the rows its windows use.
-ITEM_TABLES = ("item_embedding.weight", "head.item_bias.weight")
+# The bias head's per-user parameters: they start at 0 and the inner loop fits them.
+USER_PARAMETERS = ("head.user_bias", "head.user_factors")
+ITEM_TABLES = ("item_embedding.weight", "head.item_bias.weight", "head.item_factors.weight")
 
 
 def build_backbone(config: ModelConfig, num_items: int) -> nn.Module:

@@ -1,12 +1,16 @@
 """Rating heads: per-position features [..., L, F] (and the item ids) -> rating / scale [..., L].
 
 - `reference`: the MELO reference's `0.1 + sigmoid(linear(features))`.
-- `bias`: a baseline-predictor head (Koren): global mean + item bias + user bias +
-  linear(features), unsquashed. The global mean and item biases start from the training
-  ratings (`init_from_ratings`: those of the bias reference point), the linear starts near 0,
-  and the user bias is one scalar the inner loop adapts per task from 0 with its own inner
-  learning rate (meta.bias_inner_lr). Before adaptation the model predicts like the item-bias
-  baseline; adapted on a user's support it is the bias model plus what the sequence adds.
+- `bias`: a baseline-predictor head (Koren): global mean + item bias + user bias
+  (+ user factors . item factors, with model.user_factors > 0) + linear(features), unsquashed.
+  The global mean and item biases start from the training ratings (`init_from_ratings`: those
+  of the bias reference point) and the linear near 0. The user bias and user factors start at
+  0 and are what the inner loop fits per task, with their own inner learning rate
+  (meta.user_inner_lr). Before adaptation the model predicts like the item-bias baseline;
+  adapted on a user's support it is the bias model plus what the sequence adds. One inner step
+  sets the user factors to a residual-weighted sum of the support items' factors, so the
+  target's rating moves with its similarity to what the user rated: collaborative filtering
+  whose item factors the outer loop learns.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from melo_dist.config import ModelConfig
 
 
 class ReferenceHead(nn.Linear):
-    def __init__(self, features: int, num_items: int, sequence_term: bool = True) -> None:
+    def __init__(
+        self, features: int, num_items: int, sequence_term: bool = True, factors: int = 0
+    ) -> None:
         super().__init__(features, 1)
 
     def forward(self, features: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
@@ -26,7 +32,9 @@ class ReferenceHead(nn.Linear):
 
 
 class BiasHead(nn.Module):
-    def __init__(self, features: int, num_items: int, sequence_term: bool = True) -> None:
+    def __init__(
+        self, features: int, num_items: int, sequence_term: bool = True, factors: int = 0
+    ) -> None:
         super().__init__()
         self.linear = nn.Linear(features, 1) if sequence_term else None  # None: bias model only
         if self.linear is not None:
@@ -36,13 +44,19 @@ class BiasHead(nn.Module):
         self.item_bias = nn.Embedding(num_items + 1, 1)
         nn.init.zeros_(self.item_bias.weight)
         self.user_bias = nn.Parameter(torch.zeros(()))
+        if factors:
+            self.item_factors = nn.Embedding(num_items + 1, factors)
+            nn.init.normal_(self.item_factors.weight, std=0.1)
+            self.user_factors = nn.Parameter(torch.zeros(factors))
         self.register_buffer("global_mean", torch.zeros(()))
 
     def forward(self, features: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
-        bias = self.global_mean + self.user_bias + self.item_bias(item_seq).squeeze(-1)
-        if self.linear is None:
-            return bias
-        return bias + self.linear(features).squeeze(-1)
+        out = self.global_mean + self.user_bias + self.item_bias(item_seq).squeeze(-1)
+        if hasattr(self, "user_factors"):
+            out = out + self.item_factors(item_seq) @ self.user_factors
+        if self.linear is not None:
+            out = out + self.linear(features).squeeze(-1)
+        return out
 
     def init_from_ratings(self, global_mean: float, item_bias: torch.Tensor) -> None:
         """The bias reference point's global mean and item biases [items + 1], in rating /
@@ -56,4 +70,4 @@ HEADS = {"reference": ReferenceHead, "bias": BiasHead}
 
 
 def build_head(config: ModelConfig, features: int, num_items: int) -> nn.Module:
-    return HEADS[config.head](features, num_items, config.sequence_term)
+    return HEADS[config.head](features, num_items, config.sequence_term, config.user_factors)
