@@ -29,6 +29,8 @@ class DataConfig:
     support: int = 25  # most support sub-windows per task
     query: int = 3  # most query suffixes per task
     valid_users: int = 500  # fixed validation users (first N of tasks-valid), 0 = all
+    valid_targets: int = 1  # targets per validation user: its last, then earlier interactions
+    # (more = steadier model selection; test users are always scored on their last)
     eval_seed: int = 0  # seeds the fixed evaluation windows
 
 
@@ -114,6 +116,7 @@ class Config:
             ("model.user_factors", self.model.user_factors >= 0, ">= 0"),
             ("model.max_length", self.model.max_length >= self.data.window, ">= data.window"),
             ("data.window", self.data.window >= 3, ">= 3"),
+            ("data.valid_targets", self.data.valid_targets >= 1, ">= 1"),
             ("meta.inner_steps", self.meta.inner_steps >= 1, ">= 1"),
             ("meta.tasks_per_batch", self.meta.tasks_per_batch >= 1, ">= 1"),
             ("optim.iterations", self.optim.iterations >= 1, ">= 1"),

@@ -145,3 +145,19 @@ def test_local_item_ids_round_trip_and_keep_padding():
         distinct = torch.unique(torch.cat([used, used.new_zeros(1)]))
         assert torch.equal(table_rows[b][: len(distinct)], distinct)
         assert (table_rows[b][len(distinct) :] == 0).all()
+
+
+def test_earlier_targets_are_the_users_cut_short():
+    rows = random_task_rows(4, 50, (2, 6), seed=5)
+    expanded = rows.with_earlier_targets(3)
+    for k in range(3):
+        for u in range(len(rows)):
+            name = rows.user_id[u] if k == 0 else f"{rows.user_id[u]}#{k}"
+            index = np.flatnonzero(expanded.user_id == name)
+            if rows.lengths[u] - k < 2:
+                assert index.size == 0  # too short to have a support and a target
+                continue
+            start, stop = rows.offsets[u], rows.offsets[u + 1] - k
+            (row,) = index
+            got = expanded.items[expanded.offsets[row] : expanded.offsets[row + 1]]
+            assert np.array_equal(got, rows.items[start:stop])

@@ -18,7 +18,7 @@ class Dataset:
     path: Path
     manifest: dict
     spec: WindowSpec
-    valid: TaskRows  # the fixed validation users (data.valid_users)
+    valid: TaskRows  # the fixed validation users (data.valid_users x data.valid_targets)
 
     @cached_property
     def train(self) -> TaskRows:
@@ -44,4 +44,5 @@ def load_dataset(config: DataConfig) -> Dataset:
     valid = TaskRows.from_parquet(str(path / "tasks-valid.parquet"))
     if config.valid_users and len(valid) > config.valid_users:
         valid = valid.take(np.arange(config.valid_users))
+    valid = valid.with_earlier_targets(config.valid_targets)
     return Dataset(path, manifest, WindowSpec(config.window, config.support, config.query), valid)

@@ -91,10 +91,28 @@ class TaskRows:
 
     def take(self, users: np.ndarray) -> TaskRows:
         """The rows of `users` (indices), as a new TaskRows."""
-        starts, lengths = self.offsets[users], self.lengths[users]
+        return self.segments(self.user_id[users], self.offsets[users], self.lengths[users])
+
+    def with_earlier_targets(self, cuts: int) -> TaskRows:
+        """Each user `cuts` times: as is, then without its last 1, ..., cuts - 1 interactions
+        (copies named "user#k"; a copy needs 2 interactions). Evaluated with `train=False`,
+        copy k's target is the user's k-th last interaction: more targets per user."""
+        kept = [np.flatnonzero(self.lengths - k >= 2) for k in range(cuts)]
+        names = [
+            self.user_id[users] if k == 0 else np.array([f"{u}#{k}" for u in self.user_id[users]])
+            for k, users in enumerate(kept)
+        ]
+        return self.segments(
+            np.concatenate(names).astype(object),
+            np.concatenate([self.offsets[users] for users in kept]),
+            np.concatenate([self.lengths[users] - k for k, users in enumerate(kept)]),
+        )
+
+    def segments(self, names: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> TaskRows:
+        """A TaskRows of the interaction runs [start, start + length), one user each."""
         offsets = np.r_[0, np.cumsum(lengths)]
         flat = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
-        return TaskRows(self.user_id[users], self.items[flat], self.ratings[flat], offsets)
+        return TaskRows(names, self.items[flat], self.ratings[flat], offsets)
 
 
 @dataclass
