@@ -1,0 +1,272 @@
+"""The study: Basic / MAML / MELO per backbone and seed, scored on the test users, as a plan says.
+
+    .venv/bin/python results/study.py results/plans/ml1m-subset.yaml
+
+Resumable in parts: every finished run leaves a small record in results/<plan>/runs/<run>.json
+(its test metrics, its validation curve, the git commit and the code's tree hash), committed
+with the results. Re-running the command skips runs whose record was made by the same code and
+continues an interrupted run from its checkpoint; the tables are then rewritten from the
+records (results/<plan>.md and results/<plan>.json). Records of different code are never
+mixed in one table: the command re-runs them instead. Model selection uses validation users
+only (best.pt); each run's test users are scored once, after it finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from melo_dist.config import load_config, read_yaml  # noqa: E402
+from melo_dist.data.dataset import load_dataset  # noqa: E402
+from melo_dist.data.prepare import PrepareSettings, prepare  # noqa: E402
+from melo_dist.data.readers import read_ratings  # noqa: E402
+from melo_dist.paths import shared_data_dir  # noqa: E402
+from melo_dist.training.checkpoint import read_metrics  # noqa: E402
+from melo_dist.training.evaluation import (  # noqa: E402
+    collect_targets,
+    eval_batches,
+    evaluate_checkpoints,
+    reference_points,
+)
+from melo_dist.training.loop import train_local  # noqa: E402
+
+REFERENCES = ("global mean", "item mean", "support mean", "bias model")
+REGIMES = ("basic", "maml", "melo")
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+def code_version() -> dict:
+    """The commit, and the tree hash of what computes the numbers (package and configs)."""
+    dirty = git("status", "--porcelain", "melo_dist", "configs", "results/plans")
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "code": git("rev-parse", "HEAD:melo_dist") + "/" + git("rev-parse", "HEAD:configs"),
+        "dirty": bool(dirty),
+    }
+
+
+def planned_runs(plan: dict) -> list[dict]:
+    """One entry per run: basic first (its embeddings initialise MAML and MELO of a backbone)."""
+    runs = []
+    for group in plan["runs"]:
+        for backbone in group["backbones"]:
+            for regime in group["regimes"]:
+                for seed in group["seeds"] if regime != "basic" else group.get("basic_seeds", [0]):
+                    iterations = group["basic_iterations" if regime == "basic" else "iterations"]
+                    runs.append(
+                        {
+                            "name": f"{regime}-{backbone}-s{seed}",
+                            "backbone": backbone,
+                            "regime": regime,
+                            "seed": seed,
+                            "iterations": iterations,
+                            "set": group.get("set", []),
+                        }
+                    )
+    return sorted(runs, key=lambda run: run["regime"] != "basic")
+
+
+def dataset(plan: dict, work: Path) -> Path:
+    """The plan's prepared dataset under the work folder (prepared once)."""
+    out = work / "data"
+    if not (out / "manifest.json").exists():
+        source = plan["data"]
+        path = shared_data_dir() / source["file"]
+        ratings, fmt = read_ratings(path, source["source"])
+        settings = PrepareSettings(**source.get("prepare", {}))
+        prepare(ratings, out, settings, {"family": source["source"], "format": fmt})
+    return out
+
+
+def train_and_score(plan: dict, run: dict, data: Path, work: Path, version: dict) -> dict:
+    out = work / run["name"]
+    stamp = out / "study-code.txt"  # a run folder of other code is started over, not resumed
+    if out.exists() and (not stamp.exists() or stamp.read_text() != version["code"]):
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(version["code"])
+    overrides = [
+        f"data.path={data}",
+        f"run.out={out}",
+        f"model.backbone={run['backbone']}",
+        f"meta.regime={run['regime']}",
+        f"run.seed={run['seed']}",
+        f"optim.iterations={run['iterations']}",
+        *plan.get("set", []),
+        *run["set"],
+    ]
+    if run["regime"] != "basic" and plan.get("init_from_basic", True):
+        overrides.append(f"run.init_from={work / ('basic-' + run['backbone'] + '-s0')}/best.pt")
+    config = load_config(ROOT / plan["config"], overrides)
+    started = time.perf_counter()
+    best = train_local(config, log=lambda message: print(f"  {run['name']}: {message}"))
+    seconds = time.perf_counter() - started
+    (name, metrics), *_ = evaluate_checkpoints([str(out)], "test", references=False).items()
+    return {
+        **{k: run[k] for k in ("name", "backbone", "regime", "seed", "iterations")},
+        "best_iteration": best["iteration"],
+        "valid_rmse": best["valid_rmse"],
+        "rmse": metrics["rmse"],
+        "mae": metrics["mae"],
+        "rmse_by_class": {k[5:]: v for k, v in metrics.items() if k.startswith("rmse_")},
+        "users": metrics["users"],
+        "curve": [[r["iteration"], r["valid_rmse"]] for r in read_metrics(out)],
+        "train_seconds": round(seconds, 1),
+        "threads": config.run.threads,
+        "config_overrides": overrides[1:],
+        **version,
+    }
+
+
+def references(data: Path) -> dict:
+    config = load_config(None, [f"data.path={data}"])
+    loaded = load_dataset(config.data)
+    batches = list(eval_batches(loaded.split("test"), loaded.spec, config.data.eval_seed))
+    points = reference_points(loaded.train, collect_targets(batches), loaded.num_items)
+    return {
+        name: {
+            "rmse": m["rmse"],
+            "mae": m["mae"],
+            "rmse_by_class": {k[5:]: v for k, v in m.items() if k.startswith("rmse_")},
+        }
+        for name, m in points.items()
+    }
+
+
+def spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def write_tables(plan_path: Path, plan: dict, records: list[dict], refs: dict) -> None:
+    """results/<plan>.md and .json, from the run records alone."""
+    name = plan_path.stem
+    command = f".venv/bin/python results/study.py {plan_path.relative_to(ROOT)}"
+    machine = {
+        "command": command,
+        "commit": records[0]["commit"],
+        "code": records[0]["code"],
+        "runs": [
+            {k: r[k] for k in ("backbone", "regime", "seed", "iterations", "rmse", "mae")}
+            | {"rmse_by_class": r["rmse_by_class"], "valid_rmse": r["valid_rmse"]}
+            for r in records
+        ],
+        "references": refs,
+    }
+    (ROOT / "results" / f"{name}.json").write_text(json.dumps(machine, indent=1) + "\n")
+    classes = sorted({c for r in records for c in r["rmse_by_class"]}, key=float)
+    cpu_hours = sum(r["train_seconds"] * r["threads"] for r in records) / 3600
+    lines = [
+        f"# {plan['title']}",
+        "",
+        "Written by the study command (do not edit; the findings are in the file named below):",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"Code: commit {records[0]['commit'][:10]}. {plan['budget']}",
+        f"Training cost: {cpu_hours:.2f} CPU-hours over {len(records)} runs "
+        f"({sum(r['train_seconds'] for r in records) / 3600:.2f} h of wall time, "
+        f"{records[0]['threads']} thread(s) a run).",
+        "",
+        f"Test users: {records[0]['users']}; the last position of each query, on the 1-5 scale; "
+        "best validation checkpoint of each run. Mean ± standard deviation over seeds.",
+        "",
+        "| backbone | model | seeds | test RMSE | MAE | "
+        + " | ".join(f"RMSE r={c}" for c in classes)
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(classes),
+    ]
+    for backbone in dict.fromkeys(r["backbone"] for r in records):
+        for regime in REGIMES:
+            group = [r for r in records if r["backbone"] == backbone and r["regime"] == regime]
+            if not group:
+                continue
+            by_class = [
+                f"{np.mean([r['rmse_by_class'].get(c, np.nan) for r in group]):.3f}"
+                for c in classes
+            ]
+            lines.append(
+                f"| {backbone} | {regime} | {len(group)} | {spread([r['rmse'] for r in group])} "
+                f"| {spread([r['mae'] for r in group])} | " + " | ".join(by_class) + " |"
+            )
+    for ref in REFERENCES:
+        m = refs[ref]
+        by_class = [f"{m['rmse_by_class'].get(c, np.nan):.3f}" for c in classes]
+        lines.append(
+            f"| | *{ref}* | | {m['rmse']:.4f} | {m['mae']:.4f} | " + " | ".join(by_class) + " |"
+        )
+    lines += [
+        "",
+        "Every run: best validation RMSE (iteration), test RMSE.",
+        "",
+        "| run | iterations | best valid RMSE (it) | test RMSE |",
+        "|---|---|---|---|",
+    ]
+    for r in records:
+        lines.append(
+            f"| {r['name']} | {r['iterations']} | {r['valid_rmse']:.4f} ({r['best_iteration']}) "
+            f"| {r['rmse']:.4f} |"
+        )
+    if plan.get("findings"):
+        lines += ["", f"Findings, written by hand from these figures: `{plan['findings']}`."]
+    (ROOT / "results" / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("plan", help="a plan YAML under results/plans/")
+    parser.add_argument("--work", help="run folders (default: runs/study/<plan>)")
+    args = parser.parse_args()
+    plan_path = Path(args.plan).resolve()
+    plan = read_yaml(plan_path)
+    work = Path(args.work or ROOT / "runs" / "study" / plan_path.stem).resolve()
+    records_dir = ROOT / "results" / plan_path.stem / "runs"
+    records_dir.mkdir(parents=True, exist_ok=True)
+    version = code_version()
+    if version["dirty"]:
+        sys.exit("study: commit the code first (melo_dist/, configs/ or the plan has changes)")
+    runs = planned_runs(plan)
+    todo = []
+    for run in runs:
+        record = records_dir / f"{run['name']}.json"
+        if not record.exists() or json.loads(record.read_text())["code"] != version["code"]:
+            todo.append(run)
+    estimate = sum(
+        run["iterations"] * plan["seconds_per_iteration"][f"{run['backbone']} {run['regime']}"]
+        for run in todo
+    )
+    print(
+        f"study {plan_path.stem}: {len(runs)} runs, {len(todo)} to do, about {estimate / 3600:.1f} h"
+    )
+    torch.set_num_threads(1)  # scoring; training sets its own threads (run.threads)
+    data = dataset(plan, work)
+    for run in todo:
+        print(f"run {run['name']} ({run['iterations']} iterations)", flush=True)
+        record = train_and_score(plan, run, data, work, version)
+        (records_dir / f"{run['name']}.json").write_text(json.dumps(record, indent=1) + "\n")
+        print(f"  {run['name']}: test RMSE {record['rmse']:.4f}", flush=True)
+    records = [json.loads((records_dir / f"{run['name']}.json").read_text()) for run in runs]
+    write_tables(plan_path, plan, records, references(data))
+    print(f"wrote results/{plan_path.stem}.md and .json")
+
+
+if __name__ == "__main__":
+    main()
