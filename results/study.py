@@ -116,7 +116,7 @@ def train_and_score(plan: dict, run: dict, data: Path, work: Path, version: dict
     started = time.perf_counter()
     best = train_local(config, log=lambda message: print(f"  {run['name']}: {message}"))
     seconds = time.perf_counter() - started
-    (name, metrics), *_ = evaluate_checkpoints([str(out)], "test", references=False).items()
+    (metrics,) = evaluate_checkpoints([str(out)], "test", references=False).values()
     return {
         **{k: run[k] for k in ("name", "backbone", "regime", "seed", "iterations")},
         "best_iteration": best["iteration"],
