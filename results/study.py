@@ -253,9 +253,8 @@ def main() -> None:
         run["iterations"] * plan["seconds_per_iteration"][f"{run['backbone']} {run['regime']}"]
         for run in todo
     )
-    print(
-        f"study {plan_path.stem}: {len(runs)} runs, {len(todo)} to do, about {estimate / 3600:.1f} h"
-    )
+    hours = estimate / 3600
+    print(f"study {plan_path.stem}: {len(runs)} runs, {len(todo)} to do, about {hours:.1f} h")
     torch.set_num_threads(1)  # scoring; training sets its own threads (run.threads)
     data = dataset(plan, work)
     for run in todo:
