@@ -21,6 +21,8 @@ plain per-task loop, and the tests hold the two equal.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
@@ -104,6 +106,9 @@ class MetaLearner(nn.Module):
         super().__init__()
         self.backbone, self.weight_net = backbone, weight_net
         self.adapted = adapted_names(backbone, meta.adapt)
+        # When only the head adapts, the backbone's features do not depend on the fast weights:
+        # each window set runs the backbone once, and every inner step runs only the head.
+        self.head_only = all(name.startswith("head.") for name in self.adapted)
         self.item_tables = [name for name, _ in backbone.named_parameters() if name in ITEM_TABLES]
         self.steps = meta.inner_steps
         self.first_order = meta.first_order
@@ -134,15 +139,29 @@ class MetaLearner(nn.Module):
             own.setdefault(name, params[name].expand(len(rows), *params[name].shape))
         return own
 
-    def forward_tasks(self, fast: Params, items: torch.Tensor) -> torch.Tensor:
-        """Per-task predictions [B, W, L]: `fast` holds the [B, ...] per-task parameters."""
+    def forward_tasks(
+        self,
+        fast: Params,
+        items: torch.Tensor,
+        features: torch.Tensor | None = None,
+        head: bool = True,
+    ) -> torch.Tensor:
+        """Per-task predictions [B, W, L] (or features, `head=False`; or the head alone on
+        `features`): `fast` holds the [B, ...] per-task parameters."""
         params = {**dict(self.backbone.named_parameters()), **fast}
-        in_dims = ({name: 0 if name in fast else None for name in params}, 0)
+        param_dims = {name: 0 if name in fast else None for name in params}
         return vmap(
-            lambda p, x: functional_call(self.backbone, p, (x,)),
-            in_dims=in_dims,
+            lambda p, x, f: functional_call(self.backbone, p, (x,), {"features": f, "head": head}),
+            in_dims=(param_dims, 0, None if features is None else 0),
             randomness="different",
-        )(params, items)
+        )(params, items, features)
+
+    def predictor(self, fast: Params, items: torch.Tensor) -> Callable[[Params], torch.Tensor]:
+        """The predictions of windows `items` as a function of the per-task parameters."""
+        if not self.head_only:
+            return lambda params: self.forward_tasks(params, items)
+        features = self.forward_tasks(fast, items, head=False)
+        return lambda params: self.forward_tasks(params, items, features)
 
     # -- 2. the inner loop ------------------------------------------------------------------
 
@@ -157,11 +176,12 @@ class MetaLearner(nn.Module):
         """J inner steps on the support windows [B, S, L] (items in task-local ids, `rows`
         their catalogue ids); the per-task parameters after each step."""
         fast = self.task_params(rows)
+        predict = self.predictor(fast, items)
         task_weights = self.weight_net(ratings, mask)  # once per task, not once per step
         target = ratings / self.scale
         trajectory = []
         for step in range(self.steps):
-            pred = self.forward_tasks(fast, items)
+            pred = predict(fast)
             weights = self.weight_net.at_step(task_weights, pred - target)
             loss = weighted_loss(pred, target, mask, weights).sum()
             adapted = [fast[name] for name in self.adapted]
@@ -196,10 +216,11 @@ def meta_loss(learner: MetaLearner, batch: TaskBatch, iteration: int) -> torch.T
     importance = step_importance(learner.steps, iteration, learner.multi_step_iterations)
     target = batch.query_ratings / learner.scale
     scored = last_position(batch.query_mask) if learner.query_loss == "last" else batch.query_mask
+    predict = learner.predictor(trajectory[0], batch.query_items)
     loss = batch.query_ratings.new_zeros(())
     for fast, weight in zip(trajectory, importance):
         if weight > 0:
-            pred = learner.forward_tasks(fast, batch.query_items)
+            pred = predict(fast)
             loss = loss + weight * masked_mse(pred, target, scored).mean()
     return loss
 

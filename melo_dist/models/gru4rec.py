@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from melo_dist.config import ModelConfig
-from melo_dist.models.heads import build_head
+from melo_dist.models.heads import SequenceRegressor, build_head
 from melo_dist.models.layers import GRU, embed_items
 
 
-class GRU4Rec(nn.Module):
+class GRU4Rec(SequenceRegressor):
     def __init__(self, config: ModelConfig, num_items: int) -> None:
         super().__init__()
         self.dropout = config.dropout
@@ -22,7 +22,7 @@ class GRU4Rec(nn.Module):
         self.gru = GRU(config.dim, config.dim, num_layers=config.gru_layers)
         self.head = build_head(config, config.dim, num_items)
 
-    def forward(self, item_seq: torch.Tensor) -> torch.Tensor:
-        """[..., L] item ids (0 = padding) -> [..., L] predicted rating / 5."""
+    def features(self, item_seq: torch.Tensor) -> torch.Tensor:
+        """[..., L] item ids (0 = padding) -> [..., L, D] GRU states."""
         x = F.dropout(embed_items(self.item_embedding, item_seq), self.dropout, self.training)
-        return self.head(self.gru(x), item_seq)
+        return self.gru(x)

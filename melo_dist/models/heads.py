@@ -69,5 +69,24 @@ class BiasHead(nn.Module):
 HEADS = {"reference": ReferenceHead, "bias": BiasHead}
 
 
+class SequenceRegressor(nn.Module):
+    """What every backbone shares: `features(item_seq)` [..., L, F] read from the sequence, then
+    the rating head. `forward(item_seq)` -> rating / scale [..., L]. `torch.func` calls only
+    `forward`, so it also runs the two halves apart: `head=False` returns the features, and
+    `features=f` runs only the head on features computed before."""
+
+    head: nn.Module
+
+    def features(self, item_seq: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self, item_seq: torch.Tensor, features: torch.Tensor | None = None, head: bool = True
+    ) -> torch.Tensor:
+        if features is None:
+            features = self.features(item_seq)
+        return self.head(features, item_seq) if head else features
+
+
 def build_head(config: ModelConfig, features: int, num_items: int) -> nn.Module:
     return HEADS[config.head](features, num_items, config.sequence_term, config.user_factors)

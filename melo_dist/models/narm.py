@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from melo_dist.config import ModelConfig
-from melo_dist.models.heads import build_head
+from melo_dist.models.heads import SequenceRegressor, build_head
 from melo_dist.models.layers import GRU, attention_mask, embed_items
 
 
-class NARM(nn.Module):
+class NARM(SequenceRegressor):
     def __init__(self, config: ModelConfig, num_items: int) -> None:
         super().__init__()
         self.dropout = config.dropout
@@ -27,8 +27,8 @@ class NARM(nn.Module):
         self.score = nn.Linear(config.dim, 1, bias=False)
         self.head = build_head(config, 2 * config.dim, num_items)
 
-    def forward(self, item_seq: torch.Tensor) -> torch.Tensor:
-        """[..., L] item ids (0 = padding) -> [..., L] predicted rating / 5."""
+    def features(self, item_seq: torch.Tensor) -> torch.Tensor:
+        """[..., L] item ids (0 = padding) -> [..., L, 2D] local and global context."""
         x = F.dropout(embed_items(self.item_embedding, item_seq), self.dropout, self.training)
         states = self.gru(x)  # [..., L, D]
         # scores[..., t, j] = v . sigmoid(A1 h_t + A2 h_j), over real positions j <= t.
@@ -37,5 +37,4 @@ class NARM(nn.Module):
         mask = attention_mask(item_seq, causal=True)
         weights = scores.masked_fill(~mask, 0.0)  # NARM's attention is not normalised
         local = weights @ states
-        features = F.dropout(torch.cat([local, states], dim=-1), self.dropout, self.training)
-        return self.head(features, item_seq)
+        return F.dropout(torch.cat([local, states], dim=-1), self.dropout, self.training)

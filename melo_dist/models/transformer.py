@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from melo_dist.config import ModelConfig
-from melo_dist.models.heads import build_head
+from melo_dist.models.heads import SequenceRegressor, build_head
 from melo_dist.models.layers import TransformerBlock, attention_mask, embed_items
 
 
-class SelfAttentiveRegressor(nn.Module):
+class SelfAttentiveRegressor(SequenceRegressor):
     causal: bool
 
     def __init__(self, config: ModelConfig, num_items: int) -> None:
@@ -31,15 +31,15 @@ class SelfAttentiveRegressor(nn.Module):
         )
         self.head = build_head(config, config.dim, num_items)
 
-    def forward(self, item_seq: torch.Tensor) -> torch.Tensor:
-        """[..., L] item ids (0 = padding) -> [..., L] predicted rating / 5."""
+    def features(self, item_seq: torch.Tensor) -> torch.Tensor:
+        """[..., L] item ids (0 = padding) -> [..., L, D] last block's states."""
         length = item_seq.shape[-1]
         x = embed_items(self.item_embedding, item_seq) + self.position_embedding.weight[-length:]
         x = F.dropout(self.input_norm(x), self.dropout, self.training)
         mask = attention_mask(item_seq, causal=self.causal)
         for block in self.blocks:
             x = block(x, mask)
-        return self.head(x, item_seq)
+        return x
 
 
 class SASRec(SelfAttentiveRegressor):
