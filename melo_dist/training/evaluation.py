@@ -27,9 +27,8 @@ from melo_dist.data.dataset import load_dataset
 from melo_dist.data.tasks import TaskBatch, TaskRows, WindowSpec, sample_tasks
 from melo_dist.errors import InputError
 from melo_dist.meta import build_learner
+from melo_dist.training.baselines import USER_SHRINK, bias_statistics
 from melo_dist.training.checkpoint import load_checkpoint, manifest_hash
-
-ITEM_SHRINK, USER_SHRINK = 25.0, 10.0  # Koren-style baseline-predictor regularisation
 
 
 @dataclass
@@ -100,14 +99,6 @@ def evaluate_learner(learner: torch.nn.Module, batches: list[TaskBatch], targets
     finally:
         learner.train(was_training)
     return score(pred, targets)
-
-
-def bias_statistics(train: TaskRows, num_items: int) -> tuple[float, np.ndarray]:
-    """The bias model's global mean and shrunk item biases [num_items + 1] (rating scale)."""
-    mu = float(train.ratings.mean())
-    item_count = np.bincount(train.items, minlength=num_items + 1)
-    item_sum = np.bincount(train.items, weights=train.ratings, minlength=num_items + 1)
-    return mu, (item_sum - mu * item_count) / (ITEM_SHRINK + item_count)
 
 
 def reference_points(train: TaskRows, targets: Targets, num_items: int) -> dict[str, dict]:

@@ -20,6 +20,7 @@ from melo_dist.data.seeds import derive_seed
 from melo_dist.data.tasks import TaskBatch
 from melo_dist.errors import InputError
 from melo_dist.meta import build_learner, meta_step
+from melo_dist.training.baselines import bias_statistics, item_factors
 from melo_dist.training.checkpoint import (
     BEST,
     LAST,
@@ -28,12 +29,7 @@ from melo_dist.training.checkpoint import (
     manifest_hash,
     save_checkpoint,
 )
-from melo_dist.training.evaluation import (
-    bias_statistics,
-    collect_targets,
-    eval_batches,
-    evaluate_learner,
-)
+from melo_dist.training.evaluation import collect_targets, eval_batches, evaluate_learner
 
 GROUPS = ("backbone", "weight_net", "inner_lrs")  # one optimiser each, by parameter prefix
 
@@ -46,11 +42,7 @@ class TrainingRun:
         torch.manual_seed(config.run.seed)
         self.learner = build_learner(config, data.num_items, data.levels)
         if config.model.head == "bias":  # every rank computes the same values
-            mean, item_bias = bias_statistics(data.train, data.num_items)
-            scale = self.learner.scale
-            self.learner.backbone.head.init_from_ratings(
-                mean / scale, torch.tensor(item_bias / scale, dtype=torch.float32)
-            )
+            init_bias_head(self.learner, data, config.model.user_factors)
         if config.run.init_from:
             init_embeddings(self.learner, config.run.init_from)
         self.learner.to(self.device)
@@ -156,6 +148,16 @@ class TrainingRun:
         for key, scheduler in self.schedulers.items():
             scheduler.load_state_dict(state["schedulers"][key])
         self.iteration, self.best_rmse = state["iteration"], state["best_rmse"]
+
+
+def init_bias_head(learner: torch.nn.Module, data: Dataset, factors: int) -> None:
+    """The bias head starts as the bias model of the training ratings (and their item factors)."""
+    mean, item_bias = bias_statistics(data.train, data.num_items)
+    head, scale = learner.backbone.head, learner.scale
+    head.init_from_ratings(mean / scale, torch.tensor(item_bias / scale, dtype=torch.float32))
+    if factors:
+        start = item_factors(data.train, data.num_items, factors)
+        head.item_factors.weight.data.copy_(torch.tensor(start, dtype=torch.float32))
 
 
 def init_embeddings(learner: torch.nn.Module, checkpoint: str) -> None:
