@@ -24,8 +24,9 @@ def item_factors(
     train: TaskRows, num_items: int, factors: int, reg: float = 10.0, sweeps: int = 6
 ) -> np.ndarray:
     """[num_items + 1, factors] item factors of the training ratings' residuals after the bias
-    model (alternating ridge regressions, seeded), scaled to unit mean square per factor over
-    the training interactions, so that one inner step of lr ~0.5 fits a user's factors."""
+    model (alternating ridge regressions, seeded), scaled to a mean squared norm of 1 over the
+    training interactions: the inner loss's curvature in the user factors is then about 2 at
+    most, so inner steps of lr <= 0.5 do not overshoot (unit scale per factor diverged)."""
     mu, item_bias = bias_statistics(train, num_items)
     users = np.repeat(np.arange(len(train)), train.lengths)
     residual = train.ratings - mu - item_bias[train.items]
@@ -34,7 +35,7 @@ def item_factors(
     for _ in range(sweeps):
         user = ridge(users, len(train), item[train.items], residual, reg)
         item = ridge(train.items, num_items + 1, user[users], residual, reg)
-    return item / np.sqrt((item[train.items] ** 2).mean(0))
+    return item / np.sqrt((item[train.items] ** 2).sum(1).mean())
 
 
 def ridge(rows: np.ndarray, count: int, x: np.ndarray, y: np.ndarray, reg: float) -> np.ndarray:
