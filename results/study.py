@@ -93,16 +93,10 @@ def dataset(plan: dict, work: Path) -> Path:
     return out
 
 
-def train_and_score(plan: dict, run: dict, data: Path, work: Path, version: dict) -> dict:
-    out = work / run["name"]
-    stamp = out / "study-code.txt"  # a run folder of other code is started over, not resumed
-    if out.exists() and (not stamp.exists() or stamp.read_text() != version["code"]):
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(version["code"])
-    overrides = [
-        f"data.path={data}",
-        f"run.out={out}",
+def run_settings(plan: dict, run: dict) -> list[str]:
+    """The run's config overrides, relative to the work folder (also what its record keeps)."""
+    settings = [
+        f"run.out={run['name']}",
         f"model.backbone={run['backbone']}",
         f"meta.regime={run['regime']}",
         f"run.seed={run['seed']}",
@@ -111,8 +105,23 @@ def train_and_score(plan: dict, run: dict, data: Path, work: Path, version: dict
         *run["set"],
     ]
     if run["regime"] != "basic" and plan.get("init_from_basic", True):
-        overrides.append(f"run.init_from={work / ('basic-' + run['backbone'] + '-s0')}/best.pt")
-    config = load_config(ROOT / plan["config"], overrides)
+        settings.append(f"run.init_from=basic-{run['backbone']}-s0/best.pt")
+    return settings
+
+
+def train_and_score(plan: dict, run: dict, data: Path, work: Path, version: dict) -> dict:
+    out = work / run["name"]
+    stamp = out / "study-code.txt"  # a run folder of other code is started over, not resumed
+    if out.exists() and (not stamp.exists() or stamp.read_text() != version["code"]):
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(version["code"])
+    settings = run_settings(plan, run)
+    in_work = [  # folders named in the settings are inside the work folder
+        f"{key}={work / value}" if key in ("run.out", "run.init_from") else f"{key}={value}"
+        for key, value in (setting.split("=", 1) for setting in settings)
+    ]
+    config = load_config(ROOT / plan["config"], [f"data.path={data}", *in_work])
     started = time.perf_counter()
     best = train_local(config, log=lambda message: print(f"  {run['name']}: {message}"))
     seconds = time.perf_counter() - started
@@ -128,7 +137,7 @@ def train_and_score(plan: dict, run: dict, data: Path, work: Path, version: dict
         "curve": [[r["iteration"], r["valid_rmse"]] for r in read_metrics(out)],
         "train_seconds": round(seconds, 1),
         "threads": config.run.threads,
-        "config_overrides": overrides[1:],
+        "settings": settings,
         **version,
     }
 
@@ -245,9 +254,12 @@ def main() -> None:
         sys.exit("study: commit the code first (melo_dist/, configs/ or the plan has changes)")
     runs = planned_runs(plan)
     todo = []
-    for run in runs:
+    for run in runs:  # a run is done when its record has this code and these settings
         record = records_dir / f"{run['name']}.json"
-        if not record.exists() or json.loads(record.read_text())["code"] != version["code"]:
+        done = record.exists() and {
+            k: json.loads(record.read_text())[k] for k in ("code", "settings")
+        } == {"code": version["code"], "settings": run_settings(plan, run)}
+        if not done:
             todo.append(run)
     estimate = sum(
         run["iterations"] * plan["seconds_per_iteration"][f"{run['backbone']} {run['regime']}"]
