@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Seconds per training iteration of an older commit vs this checkout, side by side in one run:
+# the same `train` command and config (configs/ml1m-subset.yaml, MELO, validation excluded:
+# metrics.jsonl's seconds_per_iteration), 2 threads, and peak RSS. Three variants per backbone:
+# `old` (the commit, its defaults: reference head, all parameters adapted), `new` (this
+# checkout in the same setting) and `new-shipped` (this checkout's config as it ships).
+#   bash scripts/compare_speed.sh be1857a data/ml1m 12 sasrec gru4rec
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OLD=$1 DATA=$(realpath "$2") N=$3; shift 3
+HERE=$(pwd) WORK=$(mktemp -d)
+trap 'git worktree remove --force "$WORK/old" >/dev/null 2>&1; rm -rf "$WORK"' EXIT
+git worktree add --detach "$WORK/old" "$OLD" >/dev/null 2>&1
+for backbone in "$@"; do
+  for variant in old new new-shipped; do
+    case $variant in
+      old) root=$WORK/old extra=();;
+      new) root=$HERE extra=(--set model.head=reference --set meta.adapt=all);;
+      new-shipped) root=$HERE extra=();;
+    esac
+    out=$WORK/$variant-$backbone
+    (cd "$root" && PYTHONPATH=$root /usr/bin/time -f %M -o "$out.kib" "$HERE/.venv/bin/python" \
+      -m melo_dist.cli train --config configs/ml1m-subset.yaml --set data.path="$DATA" \
+      --set data.valid_users=50 --set model.backbone="$backbone" --set meta.regime=melo \
+      --set optim.iterations="$N" --set run.validate_every="$N" --set run.threads=2 \
+      --set run.out="$out" "${extra[@]}" > "$out.log" 2>&1)
+    seconds=$("$HERE/.venv/bin/python" -c "import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])['seconds_per_iteration'])" "$out/metrics.jsonl")
+    printf '%-8s %-12s %.3f s/iteration  peak %d MiB\n' "$backbone" "$variant" "$seconds" $(($(cat "$out.kib") / 1024))
+  done
+done
