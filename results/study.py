@@ -78,6 +78,8 @@ def planned_runs(plan: dict) -> list[dict]:
                             "set": group.get("set", []),
                         }
                     )
+    for run in runs:
+        run["settings"] = run_settings(plan, run)
     return sorted(runs, key=lambda run: run["regime"] != "basic")
 
 
@@ -109,6 +111,15 @@ def run_settings(plan: dict, run: dict) -> list[str]:
     return settings
 
 
+def done(run: dict, records_dir: Path, version: dict) -> bool:
+    """Whether the run has a record made by this code with these settings."""
+    record = records_dir / f"{run['name']}.json"
+    if not record.exists():
+        return False
+    made = json.loads(record.read_text())
+    return (made["code"], made["settings"]) == (version["code"], run["settings"])
+
+
 def train_and_score(plan: dict, run: dict, data: Path, work: Path, version: dict) -> dict:
     out = work / run["name"]
     stamp = out / "study-code.txt"  # a run folder of other code is started over, not resumed
@@ -116,7 +127,7 @@ def train_and_score(plan: dict, run: dict, data: Path, work: Path, version: dict
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     stamp.write_text(version["code"])
-    settings = run_settings(plan, run)
+    settings = run["settings"]
     in_work = [  # folders named in the settings are inside the work folder
         f"{key}={work / value}" if key in ("run.out", "run.init_from") else f"{key}={value}"
         for key, value in (setting.split("=", 1) for setting in settings)
@@ -243,6 +254,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("plan", help="a plan YAML under results/plans/")
     parser.add_argument("--work", help="run folders (default: runs/study/<plan>)")
+    parser.add_argument(
+        "--only", default="", help="run only runs whose name contains this (parallel parts)"
+    )
     args = parser.parse_args()
     plan_path = Path(args.plan).resolve()
     plan = read_yaml(plan_path)
@@ -253,14 +267,7 @@ def main() -> None:
     if version["dirty"]:
         sys.exit("study: commit the code first (melo_dist/, configs/ or the plan has changes)")
     runs = planned_runs(plan)
-    todo = []
-    for run in runs:  # a run is done when its record has this code and these settings
-        record = records_dir / f"{run['name']}.json"
-        done = record.exists() and {
-            k: json.loads(record.read_text())[k] for k in ("code", "settings")
-        } == {"code": version["code"], "settings": run_settings(plan, run)}
-        if not done:
-            todo.append(run)
+    todo = [run for run in runs if args.only in run["name"] and not done(run, records_dir, version)]
     estimate = sum(
         run["iterations"] * plan["seconds_per_iteration"][f"{run['backbone']} {run['regime']}"]
         for run in todo
@@ -270,10 +277,16 @@ def main() -> None:
     torch.set_num_threads(1)  # scoring; training sets its own threads (run.threads)
     data = dataset(plan, work)
     for run in todo:
+        if done(run, records_dir, version):  # a parallel part finished it meanwhile
+            continue
         print(f"run {run['name']} ({run['iterations']} iterations)", flush=True)
         record = train_and_score(plan, run, data, work, version)
         (records_dir / f"{run['name']}.json").write_text(json.dumps(record, indent=1) + "\n")
         print(f"  {run['name']}: test RMSE {record['rmse']:.4f}", flush=True)
+    missing = [run["name"] for run in runs if not done(run, records_dir, version)]
+    if missing:
+        print(f"{len(missing)} runs still to do ({', '.join(missing)}); tables not written")
+        return
     records = [json.loads((records_dir / f"{run['name']}.json").read_text()) for run in runs]
     write_tables(plan_path, plan, records, references(data))
     print(f"wrote results/{plan_path.stem}.md and .json")
