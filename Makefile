@@ -28,7 +28,8 @@ run: install
 	$(BIN)/melo-dist evaluate --checkpoint runs/synthetic-melo --checkpoint runs/synthetic-maml \
 		--split test
 
-# `ray job submit` against a real local head first (it stops every Ray process when done),
+# `ray job submit` against a real local head first (its own temp dir, free ports, token auth;
+# it stops only its own processes),
 # then the test suite with its own session-wide Ray instance.
 test: install
 	bash scripts/job_submit_smoke.sh

@@ -1,23 +1,44 @@
 #!/usr/bin/env bash
 # `ray job submit` for real: start a local head, submit a short 2-worker training job and a
 # 2-trial sweep job, wait for SUCCEEDED, check the artifacts, stop the head. Run by `make test`
-# before pytest (the head must not share the machine with the test session's Ray: `ray stop`
-# stops every Ray process).
+# before pytest. A shared machine may run other Ray clusters: this head gets its own temp dir
+# and free ports, and only its own processes are stopped (never `ray stop`, which stops all).
+# Token authentication stays on: a fresh token, the same on the head and the job CLI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$PWD/.venv/bin
 export PATH=$BIN:$PATH  # the job's `python` is the project's environment
-export RAY_AUTH_MODE=disabled  # the same on both ends: head and job CLI (DESIGN §4)
 work=$(mktemp -d)
-address=http://127.0.0.1:8275
-cleanup() { ray stop --force >/dev/null 2>&1 || true; rm -rf "$work"; }
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$work/auth_token
+python -c 'import secrets; print(secrets.token_hex(32))' > "$RAY_AUTH_TOKEN_PATH"
+read -r gcs_port dashboard_port agent_port agent_grpc_port metrics_port runtime_env_port \
+  client_port < <(python -c '
+import socket
+sockets = [socket.socket() for _ in range(7)]
+for s in sockets:
+    s.bind(("", 0))
+print(*(s.getsockname()[1] for s in sockets))')
+address=http://127.0.0.1:$dashboard_port
+cleanup() {  # this head's processes are the ones that name its temp dir
+  pkill -TERM -f "$work/ray" 2>/dev/null || true
+  for _ in 1 2 3 4 5 6 7 8 9 10; do pgrep -f "$work/ray" >/dev/null || break; sleep 1; done
+  pkill -KILL -f "$work/ray" 2>/dev/null || true
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
 echo "[job-submit smoke] preparing a small dataset in $work"
 melo-dist prepare --source synthetic --synthetic-users 300 --min-item-ratings 10 \
   --test-users 40 --out "$work/data" >/dev/null
-ray start --head --port=6390 --dashboard-port=8275 --num-cpus=2 --include-dashboard=true \
+ray start --head --port="$gcs_port" --dashboard-port="$dashboard_port" --num-cpus=2 \
+  --dashboard-agent-listen-port="$agent_port" --dashboard-agent-grpc-port="$agent_grpc_port" \
+  --metrics-export-port="$metrics_port" --runtime-env-agent-port="$runtime_env_port" \
+  --ray-client-server-port="$client_port" --include-dashboard=true --temp-dir="$work/ray" \
   --disable-usage-stats >/dev/null
+for _ in $(seq 60); do  # the job agent starts a little after the head
+  ray job list --address "$address" >/dev/null 2>&1 && break
+  sleep 1
+done
 id=melo-smoke-$$
 ray job submit --address "$address" --submission-id "$id" \
   --runtime-env-json '{"working_dir": ".", "excludes": [".venv", ".git", "runs", "data"]}' \
