@@ -20,6 +20,7 @@ REGIMES = ("basic", "maml", "melo", "focal", "class_balanced", "stats_mlp")
 ADAPT = ("all", "no_embeddings", "head")
 HEADS = ("reference", "bias")
 QUERY_LOSSES = ("last", "all")
+USER_STEPS = ("gradient", "newton")
 
 
 @dataclass
@@ -60,6 +61,8 @@ class MetaConfig:
     inner_lr: float = 1e-3  # LSLR initial value (per parameter, per step, learned)
     user_inner_lr: float = 0.5  # LSLR initial value of the bias head's user bias and factors
     # (0.5: one plain-MSE step moves the user bias to the support's mean residual)
+    user_step: str = "gradient"  # gradient | newton: how the inner loop steps the user parameters
+    user_damping: float = 1.0  # newton: initial damping (learned), the user bias's and factors'
     adapt: str = "all"  # all | no_embeddings | head
     query_loss: str = "last"  # outer loss on each query's target (last) or every position (all)
     tasks_per_batch: int = 16  # the meta-batch (global, across workers)
@@ -102,6 +105,8 @@ class Config:
             ("meta.adapt", self.meta.adapt in ADAPT, f"one of {ADAPT}"),
             ("model.head", self.model.head in HEADS, f"one of {HEADS}"),
             ("meta.query_loss", self.meta.query_loss in QUERY_LOSSES, f"one of {QUERY_LOSSES}"),
+            ("meta.user_step", self.meta.user_step in USER_STEPS, f"one of {USER_STEPS}"),
+            ("meta.user_damping", self.meta.user_damping > 0, "> 0"),
             (
                 "model.encoder_output",
                 self.model.encoder_output in ("abs", "softmax"),

@@ -59,6 +59,8 @@ def main() -> None:
     print("  RMSE after 0..J inner steps: " + " / ".join(f"{r:.4f}" for r in rmse))
     print("  learned inner learning rates per step:")
     for key, rates in learner.inner_lrs.items():
+        if key == "log_user_damping":  # [steps, groups]: the user bias, then the factors
+            key, rates = "user damping (bias, factors)", rates.exp().T.flatten()
         print(f"    {key.replace('__', '.'):<32} " + " ".join(f"{r:+.4f}" for r in rates.tolist()))
 
 

@@ -9,7 +9,7 @@ from melo_dist.config import BACKBONES, Config
 from melo_dist.data.synthetic import random_task_rows
 from melo_dist.data.tasks import TaskBatch, WindowSpec, sample_tasks
 from melo_dist.meta import build_learner
-from melo_dist.meta.melo import meta_step, predict_targets, step_importance
+from melo_dist.meta.melo import lr_key, meta_step, predict_targets, step_importance
 from melo_dist.meta.reference import reference_meta_step
 from melo_dist.meta.weighting import ClassBalanced, InnerWeighting
 
@@ -61,11 +61,16 @@ def assert_same(grads: dict, expected: dict, rtol: float = 1e-5) -> None:
         assert error < rtol, f"{name}: relative error {error:.2e}"
 
 
-@pytest.mark.parametrize(("head", "query_loss"), [("bias", "last"), ("reference", "all")])
+@pytest.mark.parametrize(
+    ("head", "query_loss", "user_step"),
+    [("bias", "last", "newton"), ("bias", "all", "gradient"), ("reference", "all", "newton")],
+)
 @pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
 @pytest.mark.parametrize("regime", INNER_LOSSES)
 @pytest.mark.parametrize("backbone", BACKBONES)
-def test_batched_meta_step_matches_per_task_loop(backbone, regime, first_order, head, query_loss):
+def test_batched_meta_step_matches_per_task_loop(
+    backbone, regime, first_order, head, query_loss, user_step
+):
     # iteration 3 of a 10-iteration multi-step phase: every step's query loss counts
     config = small_config(
         backbone,
@@ -75,6 +80,7 @@ def test_batched_meta_step_matches_per_task_loop(backbone, regime, first_order, 
         multi_step_iterations=10,
         first_order=first_order,
         query_loss=query_loss,
+        user_step=user_step,
     )
     learner = learner_for(config)
     batch = small_batch()
@@ -160,7 +166,7 @@ def test_adapted_parameter_choice(head, adapt, expected):
         assert names == expected
     else:
         assert not any("embedding" in n for n in names) and "head.weight" in names
-    assert len(learner.inner_lrs) == len(names)
+    assert set(learner.inner_lrs) - {"log_user_damping"} == {lr_key(n) for n in names}
     _, grads = meta_step(learner, small_batch(), 0)
     frozen = [n for n in grads if n.startswith("backbone.") and n[9:] not in names]
     assert frozen and all(torch.isfinite(grads[n]).all() for n in frozen)
@@ -200,6 +206,32 @@ def test_bias_head_starts_as_the_item_bias_predictor_and_adapts_the_user_bias():
     )
     user_bias = fast[-1]["head.user_bias"]
     assert user_bias.shape == (len(batch),) and (user_bias != 0).all()  # one per task
+
+
+@pytest.mark.parametrize("regime", ["maml", "melo"])
+def test_newton_user_step_lands_on_the_damped_least_squares_fit(regime):
+    """The prediction is linear in the user bias and factors, so one Newton step of lr 1 from 0
+    minimises the (weighted) support loss + 1/2 damping |user|^2: its gradient there is 0."""
+    config = small_config("gru4rec", regime, inner_steps=1, adapt="head", user_step="newton")
+    config.model.sequence_term = False  # the user parameters are then the only ones that matter
+    learner = learner_for(config)
+    damping = learner.inner_lrs["log_user_damping"][0].exp()
+    batch = small_batch()
+    local, rows = batch.with_local_items()
+    support = (local.support_items, local.support_ratings, local.support_mask)
+    fast = learner.adapt(rows, *support, False)[-1]
+    user = {n: fast[n].detach().requires_grad_() for n in ("head.user_bias", "head.user_factors")}
+    target = local.support_ratings / learner.scale
+    weights = learner.weight_net(local.support_ratings, local.support_mask)
+    pred = learner.forward_tasks({**learner.task_params(rows), **user}, local.support_items)
+    terms = (pred - target) ** 2 * local.support_mask  # over the number of support positions
+    terms = terms if weights is None else weights * terms
+    loss = (terms.sum((-2, -1)) / local.support_mask.sum((-2, -1))).sum()
+    penalty = 0.5 * (damping[0] * user["head.user_bias"] ** 2).sum()
+    penalty = penalty + 0.5 * (damping[1] * user["head.user_factors"] ** 2).sum()
+    grads = torch.autograd.grad(loss + penalty, list(user.values()))
+    assert max(float(g.abs().max()) for g in grads) < 1e-8
+    assert float(user["head.user_factors"].detach().abs().max()) > 1e-3  # it did move
 
 
 def test_predictions_are_on_the_rating_scale_and_half_stars_work():

@@ -6,7 +6,9 @@ Each user is a task with support windows (the inner loop adapts on them) and que
 1. `MetaLearner` holds what the outer loop learns: the backbone's initialisation, the inner-loss
    weighting (MELO's task-state encoder, or a baseline's) and per-parameter, per-step inner
    learning rates (MAML++ LSLR).
-2. `adapt` — the inner loop: J steps of `fast = fast - lr * grad(weighted support loss)`.
+2. `adapt` — the inner loop: J steps of `fast = fast - lr * grad(weighted support loss)`
+   (meta.user_step=newton: the bias head's user parameters step along the damped Newton
+   direction instead).
 3. `meta_loss` — the outer loss: query MSE of the adapted weights (MAML++ multi-step weights).
 4. `meta_step` — (loss, gradient of every learner parameter), second order by default.
 5. `predict_targets` — adapt, then predict each query's target: what evaluation scores.
@@ -21,6 +23,7 @@ plain per-task loop, and the tests hold the two equal.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -31,6 +34,7 @@ from melo_dist.config import MetaConfig
 from melo_dist.data.tasks import TaskBatch
 from melo_dist.meta.weighting import InnerWeighting
 from melo_dist.models import EMBEDDING_PREFIXES, ITEM_TABLES, USER_PARAMETERS
+from melo_dist.models.heads import user_regressors
 
 Params = dict[str, torch.Tensor]
 WINDOW_DIMS = (-2, -1)  # a task's support/query windows [..., S, L]
@@ -61,6 +65,25 @@ def last_position(mask: torch.Tensor) -> torch.Tensor:
     return mask & (torch.arange(mask.shape[-1], device=mask.device) == mask.shape[-1] - 1)
 
 
+def newton_direction(
+    design: torch.Tensor,
+    mask: torch.Tensor,
+    weights: torch.Tensor | None,
+    grad: torch.Tensor,
+    damping: torch.Tensor,
+) -> torch.Tensor:
+    """The user parameters' gradient [..., P] preconditioned by the damped Gauss-Newton matrix of
+    the weighted support loss (weights held fixed). The prediction is linear in them, with
+    regressors `design` [..., S, L, P], so a step of lr 1 lands on the weighted ridge fit of the
+    support residuals whatever the curvature; a plain gradient step with one learned lr
+    overshoots for some users and oscillates (results/ml1m-subset-findings.md)."""
+    weighted = mask.to(design.dtype) if weights is None else weights * mask
+    count = mask.sum(WINDOW_DIMS).clamp(min=1)[..., None, None]
+    gauss_newton = 2 * torch.einsum("...slp,...sl,...slq->...pq", design, weighted, design) / count
+    solved = torch.linalg.solve(gauss_newton + torch.diag(damping), grad.unsqueeze(-1))
+    return solved.squeeze(-1)
+
+
 def step_importance(steps: int, iteration: int, multi_step_iterations: int) -> list[float]:
     """MAML++ per-step query-loss weights: uniform at first, annealed onto the last step."""
     if iteration >= multi_step_iterations:
@@ -86,9 +109,11 @@ def adapted_names(backbone: nn.Module, adapt: str) -> list[str]:
 
 
 def initial_lr(name: str, meta: MetaConfig) -> float:
-    """LSLR start: meta.inner_lr, but meta.user_inner_lr for the bias head's per-user
-    parameters (they start at 0: a step of 1e-3 would leave them there)."""
-    return meta.user_inner_lr if name in USER_PARAMETERS else meta.inner_lr
+    """LSLR start: meta.inner_lr, but for the bias head's per-user parameters (they start at 0:
+    a step of 1e-3 would leave them there) a full Newton step, or meta.user_inner_lr."""
+    if name not in USER_PARAMETERS:
+        return meta.inner_lr
+    return 1.0 if meta.user_step == "newton" else meta.user_inner_lr
 
 
 def lr_key(name: str) -> str:
@@ -121,6 +146,15 @@ class MetaLearner(nn.Module):
             }
         )
         self.scale = scale  # predictions are compared with rating / scale
+        # meta.user_step=newton: the user bias and factors step along the damped Newton
+        # direction; the damping (log, per step, bias then factors) is learned with the lrs.
+        self.user_params = [n for n in USER_PARAMETERS if n in self.adapted]
+        if meta.user_step == "gradient":
+            self.user_params = []
+        if self.user_params:  # one damping for the bias, one for the factors
+            self.inner_lrs["log_user_damping"] = nn.Parameter(
+                torch.full((meta.inner_steps, len(self.user_params)), math.log(meta.user_damping))
+            )
 
     def loss(self, batch: TaskBatch, iteration: int) -> torch.Tensor:
         return meta_loss(self, batch, iteration)
@@ -163,6 +197,32 @@ class MetaLearner(nn.Module):
         features = self.forward_tasks(fast, items, head=False)
         return lambda params: self.forward_tasks(params, items, features)
 
+    def user_steps(
+        self,
+        design: torch.Tensor,
+        mask: torch.Tensor,
+        weights: torch.Tensor | None,
+        grads: Params,
+        step: int,
+        create_graph: bool,
+    ) -> Params:
+        """The user parameters' Newton directions [B, ...] at `step`, in place of their gradients.
+        First order treats the curvature as the gradient is treated: as data."""
+        if not create_graph:
+            design = design.detach()
+            weights = None if weights is None else weights.detach()
+        user = [grads[name].reshape(len(grads[name]), -1) for name in self.user_params]
+        sizes = [part.shape[-1] for part in user]  # 1 (the bias), then k (the factors)
+        log_damping = self.inner_lrs["log_user_damping"][step]
+        damping = log_damping.repeat_interleave(
+            torch.tensor(sizes, device=log_damping.device)
+        ).exp()
+        direction = newton_direction(design, mask, weights, torch.cat(user, -1), damping)
+        return {
+            name: part.reshape(grads[name].shape)
+            for name, part in zip(self.user_params, direction.split(sizes, -1))
+        }
+
     # -- 2. the inner loop ------------------------------------------------------------------
 
     def adapt(
@@ -186,11 +246,15 @@ class MetaLearner(nn.Module):
             loss = weighted_loss(pred, target, mask, weights).sum()
             adapted = [fast[name] for name in self.adapted]
             grads = torch.autograd.grad(loss, adapted, create_graph=create_graph)
+            grads = dict(zip(self.adapted, grads))
+            if self.user_params:
+                design = vmap(user_regressors)(fast, items)
+                grads.update(self.user_steps(design, mask, weights, grads, step, create_graph))
             fast = {
                 **fast,
                 **{
-                    name: fast[name] - self.inner_lrs[lr_key(name)][step] * grad
-                    for name, grad in zip(self.adapted, grads)
+                    name: fast[name] - self.inner_lrs[lr_key(name)][step] * grads[name]
+                    for name in self.adapted
                 },
             }
             trajectory.append(fast)

@@ -12,6 +12,7 @@ from torch.func import functional_call
 
 from melo_dist.data.tasks import TaskBatch
 from melo_dist.meta.melo import MetaLearner, lr_key, step_importance, with_gradients
+from melo_dist.models.heads import user_regressors
 
 
 def task_mse(pred, target, mask, weights=None):
@@ -42,10 +43,20 @@ def reference_meta_loss(learner: MetaLearner, batch: TaskBatch, iteration: int) 
             grads = torch.autograd.grad(
                 loss, list(fast.values()), create_graph=not learner.first_order
             )
-            fast = {
-                n: w - learner.inner_lrs[lr_key(n)][step] * g
-                for (n, w), g in zip(fast.items(), grads)
-            }
+            grads = dict(zip(fast, grads))
+            if learner.user_params:  # the user parameters' Newton step, as a batch of one task
+                design = user_regressors({**params, **fast}, items)
+                one = None if weights is None else weights[None]
+                newton = learner.user_steps(
+                    design[None],
+                    mask[None],
+                    one,
+                    {n: g[None] for n, g in grads.items()},
+                    step,
+                    not learner.first_order,
+                )
+                grads.update({name: direction[0] for name, direction in newton.items()})
+            fast = {n: w - learner.inner_lrs[lr_key(n)][step] * grads[n] for n, w in fast.items()}
             if importance[step] > 0:
                 q_pred = functional_call(
                     learner.backbone, {**params, **fast}, (batch.query_items[b],)

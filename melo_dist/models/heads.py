@@ -66,6 +66,16 @@ class BiasHead(nn.Module):
             self.item_bias.weight.copy_(item_bias.reshape(-1, 1))
 
 
+def user_regressors(params: dict[str, torch.Tensor], item_seq: torch.Tensor) -> torch.Tensor:
+    """[..., L, P]: what the bias head's user parameters (user bias, then user factors) multiply.
+    The prediction is linear in them; `params` are the backbone's (named as in
+    `named_parameters`), so the inner loop passes its fast weights."""
+    ones = params["head.item_bias.weight"].new_ones(*item_seq.shape, 1)
+    if "head.item_factors.weight" not in params:
+        return ones
+    return torch.cat([ones, params["head.item_factors.weight"][item_seq]], -1)
+
+
 HEADS = {"reference": ReferenceHead, "bias": BiasHead}
 
 
