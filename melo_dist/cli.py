@@ -137,6 +137,25 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(json.dumps({"event": "evaluation", "split": args.split, "model": name, **metrics}))
 
 
+def cmd_predict(args: argparse.Namespace) -> None:
+    from melo_dist.inference.batch import predict_file
+
+    started = time.perf_counter()
+    rows = predict_file(
+        args.checkpoint,
+        args.users,
+        args.out,
+        candidates_path=args.candidates,
+        top_k=args.top_k,
+        data=args.data,
+        workers=args.workers,
+        batch_users=args.batch_users,
+        progress=log,
+    )
+    seconds = time.perf_counter() - started
+    print(json.dumps({"event": "predict_done", "out": args.out, "rows": rows, "seconds": seconds}))
+
+
 def cmd_tune(args: argparse.Namespace) -> None:
     from melo_dist.sweeps.outputs import write_outputs
     from melo_dist.sweeps.space import load_space
@@ -242,6 +261,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-references", action="store_true", help="skip the four reference points"
     )
     evaluate.set_defaults(run=cmd_evaluate)
+
+    predict = commands.add_parser("predict", help="adapt to users' histories, write predictions")
+    predict.add_argument("--checkpoint", required=True, help="a checkpoint file or run folder")
+    predict.add_argument(
+        "--users", required=True, help="histories: Parquet/CSV/RecBole .inter, or a task table"
+    )
+    chosen = predict.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--candidates", help="(user_id, item_id) pairs to score")
+    chosen.add_argument("--top-k", type=int, default=0, help="rank every unrated item, keep K")
+    predict.add_argument("--out", required=True, help="predictions Parquet (written atomically)")
+    predict.add_argument("--data", help="prepared dataset (default: the checkpoint's)")
+    predict.add_argument(
+        "--workers", type=int, default=0, help="Ray Data scoring actors (0: in-process)"
+    )
+    predict.add_argument("--batch-users", type=int, default=64, help="users adapted together")
+    predict.set_defaults(run=cmd_predict)
 
     sweep = commands.add_parser("tune", help="a Ray Tune + Optuna sweep over a YAML space")
     sweep.add_argument("--space", required=True, help="sweep space YAML (see tune/spaces/)")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import shared_file, tiny_config
 
 from melo_dist import ColdStartModel
+from melo_dist.cli import main
 from melo_dist.data.prepare import PrepareSettings, prepare
 from melo_dist.data.readers import read_ratings
 from melo_dist.data.tasks import TaskRows
@@ -130,3 +132,121 @@ def test_load_checks_the_dataset(trained, tmp_path):
         ColdStartModel.load(trained, data=tmp_path)
     with pytest.raises(InputError, match="checkpoint not found"):
         ColdStartModel.load(tmp_path / "none")
+
+
+def long_format(path, histories: dict, reverse_time: bool = False) -> None:
+    """A CSV of (user_id, item_id, rating, timestamp); rows in reverse time order if asked."""
+    rows = [
+        (user, item, rating, t)
+        for user, (items, ratings) in histories.items()
+        for t, (item, rating) in enumerate(zip(items, ratings))
+    ]
+    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
+    frame.iloc[:: -1 if reverse_time else 1].to_csv(path, index=False)
+
+
+def test_predict_command_scores_candidates_and_ranks_top_k(trained, synthetic_dir, tmp_path):
+    model = ColdStartModel.load(trained)
+    names = original_ids(synthetic_dir)[1:]
+    histories = {
+        "a": (names[:6], [5.0, 4.0, 1.0, 2.0, 5.0, 3.0]),
+        "b": (names[20:23], [2.0, 2.0, 1.0]),
+    }
+    long_format(tmp_path / "users.csv", histories, reverse_time=True)  # timestamps order them
+    pairs = pd.DataFrame({"user_id": ["a", "a", "b"], "item_id": [names[40], names[41], names[7]]})
+    pairs.to_parquet(tmp_path / "pairs.parquet")
+    out = tmp_path / "predictions.parquet"
+    args = ["predict", "--checkpoint", str(trained), "--users", str(tmp_path / "users.csv")]
+    assert main([*args, "--candidates", str(tmp_path / "pairs.parquet"), "--out", str(out)]) == 0
+    table = pd.read_parquet(out)
+    assert list(table.columns) == ["user_id", "item_id", "prediction"] and len(table) == 3
+    expected = model.adapt_many(list(histories.values()), ["a", "b"]).predict(
+        [[names[40], names[41]], [names[7]]]
+    )
+    np.testing.assert_allclose(table["prediction"], np.concatenate(expected), rtol=1e-5)
+
+    assert main([*args, "--top-k", "5", "--out", str(out)]) == 0
+    ranked = pd.read_parquet(out)
+    assert len(ranked) == 10 and ranked["rank"].tolist() == [1, 2, 3, 4, 5] * 2
+    for user, group in ranked.groupby("user_id"):
+        assert group["prediction"].is_monotonic_decreasing
+        assert not set(group["item_id"]) & set(histories[user][0])  # rated items are not ranked
+        everything = model.adapt(*histories[user], user_id=user).predict(model.catalogue)
+        unrated = ~np.isin(model.catalogue, histories[user][0])
+        assert group["prediction"].iloc[0] == pytest.approx(everything[unrated].max(), rel=1e-5)
+
+
+def test_predict_command_on_ray_data_matches_in_process(
+    trained, synthetic_dir, tmp_path, ray_session
+):
+    names = original_ids(synthetic_dir)[1:]
+    histories = {
+        f"u{k}": (names[k : k + 8], [float(1 + (k + j) % 5) for j in range(8)]) for k in range(12)
+    }
+    long_format(tmp_path / "users.csv", histories)
+    args = [
+        "predict",
+        "--checkpoint",
+        str(trained),
+        "--users",
+        str(tmp_path / "users.csv"),
+        "--top-k",
+        "3",
+    ]
+    assert main([*args, "--out", str(tmp_path / "local.parquet")]) == 0
+    assert (
+        main(
+            [*args, "--out", str(tmp_path / "ray.parquet"), "--workers", "2", "--batch-users", "4"]
+        )
+        == 0
+    )
+    local = pd.read_parquet(tmp_path / "local.parquet").sort_values(["user_id", "rank"])
+    on_ray = pd.read_parquet(tmp_path / "ray.parquet").sort_values(["user_id", "rank"])
+    assert local["item_id"].tolist() == on_ray["item_id"].tolist()
+    np.testing.assert_allclose(local["prediction"], on_ray["prediction"], rtol=1e-5)
+
+
+def test_predict_command_refuses_bad_input_and_writes_nothing(
+    trained, synthetic_dir, tmp_path, capsys
+):
+    names = original_ids(synthetic_dir)[1:]
+    long_format(tmp_path / "users.csv", {"a": ([names[0], "nope"], [4.0, 3.0])})
+    out = tmp_path / "predictions.parquet"
+    args = ["predict", "--checkpoint", str(trained), "--out", str(out), "--top-k", "2"]
+    assert main([*args, "--users", str(tmp_path / "users.csv")]) == 2
+    assert "history of user a: item 'nope' at position 1" in capsys.readouterr().err
+    (tmp_path / "bad.csv").write_text("user_id,item\na,1\n")
+    assert main([*args, "--users", str(tmp_path / "bad.csv")]) == 2
+    assert "lacks columns ['item_id', 'rating']" in capsys.readouterr().err
+    (tmp_path / "bad.csv").write_text(f"user_id,item_id,rating\na,{names[0]},4\na,{names[1]},x\n")
+    assert main([*args, "--users", str(tmp_path / "bad.csv")]) == 2
+    assert "bad.csv: row 1: rating 'x' is not a number" in capsys.readouterr().err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_predict_command_reads_a_prepared_task_table(trained, synthetic_dir, tmp_path):
+    """The split's own task table (prepared ids) scores as the same users in original ids."""
+    rows = TaskRows.from_parquet(str(synthetic_dir / "tasks-test.parquet")).take(np.arange(5))
+    pq.write_table(
+        pq.read_table(synthetic_dir / "tasks-test.parquet").slice(0, 5), tmp_path / "tasks.parquet"
+    )
+    names = original_ids(synthetic_dir)
+    histories = {
+        user: (
+            [names[i] for i in rows.items[rows.offsets[u] : rows.offsets[u + 1]]],
+            rows.ratings[rows.offsets[u] : rows.offsets[u + 1]].tolist(),
+        )
+        for u, user in enumerate(rows.user_id)
+    }
+    long_format(tmp_path / "users.csv", histories)
+    args = ["predict", "--checkpoint", str(trained), "--top-k", "4"]
+    for name in ("tasks.parquet", "users.csv"):
+        out = str(tmp_path / f"{name}.out.parquet")
+        assert main([*args, "--users", str(tmp_path / name), "--out", out]) == 0
+    from_table = pd.read_parquet(tmp_path / "tasks.parquet.out.parquet")
+    from_long = pd.read_parquet(tmp_path / "users.csv.out.parquet")
+    pd.testing.assert_frame_equal(
+        from_table.sort_values(["user_id", "rank"], ignore_index=True),
+        from_long.sort_values(["user_id", "rank"], ignore_index=True),
+    )

@@ -45,8 +45,9 @@ class AdaptedUsers:
     def __len__(self) -> int:
         return len(self.context)
 
-    def predict(self, candidates: Sequence[Sequence]) -> list[np.ndarray]:
-        """Per user, the predicted rating of each of its candidates (original item ids)."""
+    def predict(self, candidates: Sequence[Sequence], chunk: int = 1024) -> list[np.ndarray]:
+        """Per user, the predicted rating of each of its candidates (original item ids), scored
+        `chunk` candidates a user at a time (memory: B x chunk windows)."""
         if len(candidates) != len(self):
             raise InputError(f"{len(candidates)} candidate lists for {len(self)} users")
         ids = [
@@ -59,7 +60,13 @@ class AdaptedUsers:
         for user, items in enumerate(ids):
             query[user, : len(items), -1] = torch.as_tensor(items, dtype=torch.long)
         with torch.no_grad():
-            pred = self.model.predict_windows(self, query)[..., -1] * self.model.scale
+            pred = torch.cat(
+                [
+                    self.model.predict_windows(self, part)[..., -1] * self.model.scale
+                    for part in query.split(chunk, dim=1)
+                ],
+                dim=1,
+            )
         return [pred[user, : len(items)].numpy() for user, items in enumerate(ids)]
 
 
@@ -89,6 +96,7 @@ class ColdStartModel:
         self.item_index = dict(
             zip(table.column("item_id").to_pylist(), table.column("item").to_pylist())
         )
+        self.catalogue = sorted(self.item_index, key=self.item_index.get)  # original ids
         self.spec = load_dataset(self.config.data).spec
 
     @classmethod
