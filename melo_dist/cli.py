@@ -156,6 +156,20 @@ def cmd_predict(args: argparse.Namespace) -> None:
     print(json.dumps({"event": "predict_done", "out": args.out, "rows": rows, "seconds": seconds}))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from melo_dist.inference.serve import build_app, serve_forever
+
+    app = build_app(
+        args.checkpoint,
+        args.data,
+        replicas=args.replicas,
+        max_batch_size=args.max_batch_size,
+        batch_wait_ms=args.batch_wait_ms,
+        cpus_per_replica=args.cpus_per_replica,
+    )
+    serve_forever(app, args.host, args.port, log)
+
+
 def cmd_tune(args: argparse.Namespace) -> None:
     from melo_dist.sweeps.outputs import write_outputs
     from melo_dist.sweeps.space import load_space
@@ -277,6 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--batch-users", type=int, default=64, help="users adapted together")
     predict.set_defaults(run=cmd_predict)
+
+    served = commands.add_parser("serve", help="online predictions over HTTP (Ray Serve)")
+    served.add_argument("--checkpoint", required=True, help="a checkpoint file or run folder")
+    served.add_argument("--data", help="prepared dataset (default: the checkpoint's)")
+    served.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every address")
+    served.add_argument("--port", type=int, default=8000)
+    served.add_argument("--replicas", type=int, default=1)
+    served.add_argument("--cpus-per-replica", type=float, default=1.0)
+    served.add_argument("--max-batch-size", type=int, default=16, help="requests adapted together")
+    served.add_argument(
+        "--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill"
+    )
+    served.set_defaults(run=cmd_serve)
 
     sweep = commands.add_parser("tune", help="a Ray Tune + Optuna sweep over a YAML space")
     sweep.add_argument("--space", required=True, help="sweep space YAML (see tune/spaces/)")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from melo_dist.config import Config
 from melo_dist.data.prepare import PrepareSettings, prepare
 from melo_dist.data.synthetic import SyntheticSpec, generate_ratings
 from melo_dist.paths import shared_data_dir
+from melo_dist.training.loop import train_local
 
 # Tests use tiny models: a second torch thread only adds waiting, and on a busy machine an
 # OpenMP thread that has to wait for a core turns a microsecond matmul into ~15 ms.
@@ -70,6 +73,9 @@ def ray_session():
     dashboard: sweeps need its state API to release finished trials' workers."""
     import ray
 
+    # Serve's HTTP proxy must report ready within 5 s by default; on a busy 2-core machine its
+    # start (importing the web stack) takes longer, and the controller then kills it in a loop.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     ray.init(
         num_cpus=2,
         object_store_memory=200 * 1024**2,
@@ -79,3 +85,22 @@ def ray_session():
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def trained(synthetic_dir, tmp_path_factory):
+    """A tiny MELO run with the bias head and user factors (what the recipe ships)."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    config = tiny_config(synthetic_dir, out, iterations=4, adapt="head")
+    config.model.user_factors = 3
+    train_local(config, log=lambda message: None)
+    return out
+
+
+def original_ids(data_dir) -> list[str]:
+    """Prepared item id -> the original id, from the item map."""
+    table = pq.read_table(data_dir / "item_map.parquet")
+    ids = [""] * (max(table.column("item").to_pylist()) + 1)
+    for item, item_id in zip(table.column("item").to_pylist(), table.column("item_id").to_pylist()):
+        ids[item] = item_id
+    return ids

@@ -7,7 +7,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import shared_file, tiny_config
+from conftest import original_ids, shared_file, tiny_config
 
 from melo_dist import ColdStartModel
 from melo_dist.cli import main
@@ -17,25 +17,6 @@ from melo_dist.data.tasks import TaskRows
 from melo_dist.errors import InputError
 from melo_dist.training.evaluation import eval_batches
 from melo_dist.training.loop import train_local
-
-
-@pytest.fixture(scope="module")
-def trained(synthetic_dir, tmp_path_factory):
-    """A tiny MELO run with the bias head and user factors (what the recipe ships)."""
-    out = tmp_path_factory.mktemp("inference") / "run"
-    config = tiny_config(synthetic_dir, out, iterations=4, adapt="head")
-    config.model.user_factors = 3
-    train_local(config, log=lambda message: None)
-    return out
-
-
-def original_ids(data_dir) -> list[str]:
-    """Prepared item id -> the original id, from the item map."""
-    table = pq.read_table(data_dir / "item_map.parquet")
-    ids = [""] * (max(table.column("item").to_pylist()) + 1)
-    for item, item_id in zip(table.column("item").to_pylist(), table.column("item_id").to_pylist()):
-        ids[item] = item_id
-    return ids
 
 
 def assert_api_matches_evaluate(model: ColdStartModel, data_dir, users: int) -> None:

@@ -1,0 +1,180 @@
+"""Online serving (`melo-dist serve`): a Ray Serve deployment that adapts to each request's
+history and predicts its candidates; concurrent requests are adapted together (`@serve.batch`).
+
+    POST /predict  {"history": {"items": [...], "ratings": [...]}, "candidates": [...],
+                    "user_id": "optional: seeds the support windows, as evaluation does"}
+              ->   {"predictions": [...], "batch_size": 3, "model": {...}}
+    GET  /health   -> {"status": "ok", "model": {...}}
+
+`batch_size` is how many requests were adapted together with this one. Every response names
+the model (checkpoint hash, iteration, regime, backbone). A request is
+checked before it joins a batch, so a bad one gets HTTP 400 with the reason and never fails the
+others; bodies over MAX_BODY_BYTES, histories over MAX_HISTORY ratings and over MAX_CANDIDATES
+candidates are refused (413).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from pathlib import Path
+
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from melo_dist.errors import InputError
+from melo_dist.inference.model import ColdStartModel
+from melo_dist.training.checkpoint import BEST, LAST
+
+MAX_BODY_BYTES = 1_000_000
+MAX_HISTORY = 1_000  # ratings; only the last data.window - 1 are used
+MAX_CANDIDATES = 10_000
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        return path / BEST if (path / BEST).exists() else path / LAST
+    return path
+
+
+def model_version(path: Path, model: ColdStartModel, iteration: int) -> dict:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return {
+        "checkpoint_sha256": digest,
+        "iteration": iteration,
+        "regime": model.config.meta.regime,
+        "backbone": model.config.model.backbone,
+    }
+
+
+def parse_request(body: bytes, model: ColdStartModel) -> tuple[list, list, list, str]:
+    """(items, ratings, candidates, user_id) of a request body; InputError says what is wrong."""
+    try:
+        request = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"the body is not JSON: {error}") from None
+    if not isinstance(request, dict):
+        raise InputError("the body must be a JSON object")
+    history, candidates = request.get("history"), request.get("candidates")
+    if not isinstance(history, dict) or not isinstance(candidates, list) or not candidates:
+        raise InputError(
+            'expected {"history": {"items": [...], "ratings": [...]}, "candidates": [...]}'
+        )
+    items, ratings = history.get("items"), history.get("ratings")
+    if not isinstance(items, list) or not isinstance(ratings, list):
+        raise InputError("history.items and history.ratings must be lists")
+    if len(items) > MAX_HISTORY or len(candidates) > MAX_CANDIDATES:
+        raise OverflowError(
+            f"at most {MAX_HISTORY} history ratings and {MAX_CANDIDATES} candidates a request"
+        )
+    if not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in ratings):
+        raise InputError("history.ratings must be numbers")
+    user_id = str(request.get("user_id", "user"))
+    model.checked_history(user_id, items, ratings)
+    model.item_ids(candidates, "candidates")
+    return items, ratings, candidates, user_id
+
+
+@serve.deployment
+class ColdStartService:
+    def __init__(
+        self,
+        checkpoint: str,
+        data: str | None = None,
+        max_batch_size: int = 16,
+        batch_wait_ms: float = 5.0,
+        threads: int = 1,
+    ) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self.model = ColdStartModel.load(checkpoint, data)
+        path = checkpoint_file(checkpoint)
+        iteration = int(torch.load(path, map_location="cpu", weights_only=True)["iteration"])
+        self.version = model_version(path, self.model, iteration)
+        self.predict_batch.set_max_batch_size(max_batch_size)
+        self.predict_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)
+
+    @serve.batch
+    async def predict_batch(self, requests: list[tuple]) -> list[dict]:
+        """One batched inner loop for every request that arrived together (off the event loop,
+        so the next batch gathers meanwhile); each gets its predictions and the batch size."""
+
+        def run() -> list[dict]:
+            histories = [(r[0], r[1]) for r in requests]
+            users = self.model.adapt_many(histories, [r[3] for r in requests])
+            predictions = users.predict([r[2] for r in requests])
+            return [{"predictions": p.tolist(), "batch_size": len(requests)} for p in predictions]
+
+        return await asyncio.get_running_loop().run_in_executor(None, run)
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        if request.url.path.rstrip("/").endswith("/health"):
+            return JSONResponse({"status": "ok", "model": self.version})
+        if request.method != "POST" or not request.url.path.rstrip("/").endswith("/predict"):
+            return self.error(404, "POST /predict or GET /health")
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            return self.error(413, f"the body is over {MAX_BODY_BYTES} bytes")
+        try:
+            parsed = parse_request(body, self.model)
+        except InputError as error:
+            return self.error(400, str(error))
+        except OverflowError as error:
+            return self.error(413, str(error))
+        try:
+            reply = await self.predict_batch(parsed)
+        except Exception as error:  # logged by Serve; the client gets the reason, not a traceback
+            return self.error(500, f"prediction failed: {type(error).__name__}: {error}")
+        return JSONResponse({**reply, "model": self.version})
+
+    def error(self, status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message, "model": self.version}, status_code=status)
+
+
+def build_app(
+    checkpoint: str,
+    data: str | None = None,
+    replicas: int = 1,
+    max_batch_size: int = 16,
+    batch_wait_ms: float = 5.0,
+    cpus_per_replica: float = 1.0,
+):
+    """The Serve application; the checkpoint is loaded here first, so a bad one fails at once."""
+    for name, value, low in (
+        ("replicas", replicas, 1),
+        ("max_batch_size", max_batch_size, 1),
+        ("batch_wait_ms", batch_wait_ms, 0),
+        ("cpus_per_replica", cpus_per_replica, 0),
+    ):
+        if value < low:
+            raise InputError(f"{name} must be at least {low}, got {value}")
+    ColdStartModel.load(checkpoint, data)
+    return ColdStartService.options(
+        num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica}
+    ).bind(
+        str(Path(checkpoint).resolve()),
+        None if data is None else str(Path(data).resolve()),
+        max_batch_size,
+        batch_wait_ms,
+    )
+
+
+def serve_forever(app, host: str, port: int, log) -> None:
+    """Run the application on host:port (joining $RAY_ADDRESS or a local Ray) until Ctrl-C."""
+    import time
+
+    from melo_dist.distributed.train import connect
+
+    connect()
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app, name="melo-dist", route_prefix="/")
+    log(f"serving on http://{host}:{port}/predict (GET /health); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
