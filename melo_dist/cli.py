@@ -166,6 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_batch_size=args.max_batch_size,
         batch_wait_ms=args.batch_wait_ms,
         cpus_per_replica=args.cpus_per_replica,
+        threads=args.threads,
     )
     serve_forever(app, args.host, args.port, log)
 
@@ -299,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     served.add_argument("--port", type=int, default=8000)
     served.add_argument("--replicas", type=int, default=1)
     served.add_argument("--cpus-per-replica", type=float, default=1.0)
+    served.add_argument("--threads", type=int, default=1, help="torch threads per replica")
     served.add_argument("--max-batch-size", type=int, default=16, help="requests adapted together")
     served.add_argument(
         "--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill"

@@ -73,8 +73,7 @@ def ray_session():
     dashboard: sweeps need its state API to release finished trials' workers."""
     import ray
 
-    # Serve's HTTP proxy must report ready within 5 s by default; on a busy 2-core machine its
-    # start (importing the web stack) takes longer, and the controller then kills it in a loop.
+    # as melo_dist.inference.serve.start_serve: Serve's proxy is slow to start on busy machines
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     ray.init(
         num_cpus=2,

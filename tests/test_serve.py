@@ -14,7 +14,7 @@ from conftest import original_ids
 
 from melo_dist import ColdStartModel
 from melo_dist.errors import InputError
-from melo_dist.inference.serve import MAX_CANDIDATES, build_app
+from melo_dist.inference.serve import MAX_CANDIDATES, build_app, start_serve
 from melo_dist.training.checkpoint import load_checkpoint
 
 
@@ -29,7 +29,7 @@ def server(trained, ray_session):
     from ray import serve
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_serve("127.0.0.1", port)
     serve.run(
         build_app(str(trained), max_batch_size=8, batch_wait_ms=20, cpus_per_replica=0.5),
         name="melo-dist",

@@ -16,6 +16,8 @@ BENCHMARKS = {
     "meta-step": "melo_dist.bench.meta_step",
     "ray": "melo_dist.bench.ray",
     "train": "melo_dist.bench.train",
+    "serve": "melo_dist.bench.serve",
+    "predict": "melo_dist.bench.predict",
 }
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import time
 from pathlib import Path
 
 from ray import serve
@@ -142,6 +144,7 @@ def build_app(
     max_batch_size: int = 16,
     batch_wait_ms: float = 5.0,
     cpus_per_replica: float = 1.0,
+    threads: int = 1,
 ):
     """The Serve application; the checkpoint is loaded here first, so a bad one fails at once."""
     for name, value, low in (
@@ -149,28 +152,39 @@ def build_app(
         ("max_batch_size", max_batch_size, 1),
         ("batch_wait_ms", batch_wait_ms, 0),
         ("cpus_per_replica", cpus_per_replica, 0),
+        ("threads", threads, 1),
     ):
         if value < low:
             raise InputError(f"{name} must be at least {low}, got {value}")
     ColdStartModel.load(checkpoint, data)
     return ColdStartService.options(
-        num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica}
+        num_replicas=replicas,
+        ray_actor_options={"num_cpus": cpus_per_replica},
+        max_ongoing_requests=2 * max_batch_size,  # else Serve caps a batch at its default 5
     ).bind(
         str(Path(checkpoint).resolve()),
         None if data is None else str(Path(data).resolve()),
         max_batch_size,
         batch_wait_ms,
+        threads,
     )
 
 
-def serve_forever(app, host: str, port: int, log) -> None:
-    """Run the application on host:port (joining $RAY_ADDRESS or a local Ray) until Ctrl-C."""
-    import time
-
+def start_serve(host: str, port: int) -> None:
+    """Join $RAY_ADDRESS or start a local Ray, and start Serve's HTTP proxy on host:port."""
     from melo_dist.distributed.train import connect
 
+    # The proxy must report ready within 5 s by default; on a busy small machine its start
+    # (importing the web stack) takes longer and the controller kills it in a loop. Effective
+    # when Ray is started here (a cluster's own setting is left alone).
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     connect()
     serve.start(http_options={"host": host, "port": port})
+
+
+def serve_forever(app, host: str, port: int, log) -> None:
+    """Run the application on host:port until Ctrl-C."""
+    start_serve(host, port)
     serve.run(app, name="melo-dist", route_prefix="/")
     log(f"serving on http://{host}:{port}/predict (GET /health); Ctrl-C stops")
     try:

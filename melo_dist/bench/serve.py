@@ -1,0 +1,160 @@
+"""`melo-dist bench serve`: latency and throughput of `melo-dist serve` under a closed-loop load.
+
+Serves a checkpoint (default: a SASRec MELO model with the reference's sizes, trained for a few
+iterations on the embedded synthetic default: latency depends on the sizes, not the quality)
+through the same Ray Serve application `melo-dist serve` runs, on a free loopback port, and
+sends real HTTP requests, each a history of `--history` ratings and `--candidates` candidates:
+
+- single user: one client, one request at a time (the latency a lone user sees);
+- one at a time: `--clients` concurrent clients, max batch size 1;
+- batched: the same load with `@serve.batch` (max batch size `--max-batch-size`).
+
+`batching_speedup` is batched over one-at-a-time throughput, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from melo_dist.bench.train import embedded_default
+from melo_dist.config import load_config
+
+DEFAULT_MODEL = "small SASRec MELO (synthetic)"
+
+
+def train_small_model(folder: Path) -> Path:
+    from melo_dist.training.loop import train_local
+
+    data = embedded_default(folder)
+    overrides = [
+        f"data.path={data}",
+        "model.backbone=sasrec",
+        "model.user_factors=16",
+        "meta.adapt=head",
+        "optim.iterations=4",
+        "run.validate_every=4",
+        f"run.out={folder / 'run'}",
+    ]
+    train_local(load_config(None, overrides), log=lambda message: None)
+    return folder / "run"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def load(url: str, bodies: list[bytes], clients: int) -> tuple[list[float], float, list[int]]:
+    """Send every body from `clients` closed-loop clients; (latencies in s, wall s, batch sizes)."""
+
+    def send(body: bytes) -> tuple[float, int]:
+        started = time.perf_counter()
+        request = urllib.request.Request(url, data=body, method="POST")
+        with urllib.request.urlopen(request, timeout=120) as response:
+            reply = json.loads(response.read())
+        return time.perf_counter() - started, reply["batch_size"]
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(send, bodies))
+    wall = time.perf_counter() - started
+    return [r[0] for r in results], wall, [r[1] for r in results]
+
+
+def run(options: list[str]) -> tuple[str, list, dict]:
+    parser = argparse.ArgumentParser(prog="melo-dist bench serve")
+    parser.add_argument("--checkpoint", help="default: a small SASRec model on synthetic data")
+    parser.add_argument("--data", help="the checkpoint's prepared dataset (default: its own)")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=200, help="requests per load")
+    parser.add_argument("--history", type=int, default=30)
+    parser.add_argument("--candidates", type=int, default=100)
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the replica")
+    args = parser.parse_args(options)
+    from ray import serve
+
+    from melo_dist.inference.model import ColdStartModel
+    from melo_dist.inference.serve import build_app, start_serve
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = args.checkpoint or str(train_small_model(Path(tmp)))
+        model = ColdStartModel.load(checkpoint, args.data)
+        rng = np.random.default_rng(0)
+        bodies = []
+        for user in range(args.requests):
+            items = rng.choice(model.catalogue, args.history, replace=False).tolist()
+            request = {
+                "history": {
+                    "items": items,
+                    "ratings": rng.choice(model.levels, args.history).tolist(),
+                },
+                "candidates": rng.choice(model.catalogue, args.candidates).tolist(),
+                "user_id": f"user{user}",
+            }
+            bodies.append(json.dumps(request).encode())
+        port = free_port()
+        url = f"http://127.0.0.1:{port}/predict"
+        start_serve("127.0.0.1", port)
+        results = {}
+        try:
+            for mode, batch, clients in (
+                ("single user", 1, 1),
+                ("one at a time", 1, args.clients),
+                ("batched", args.max_batch_size, args.clients),
+            ):
+                app = build_app(
+                    checkpoint,
+                    args.data,
+                    max_batch_size=batch,
+                    batch_wait_ms=args.batch_wait_ms,
+                    cpus_per_replica=0,
+                    threads=args.threads,
+                )
+                serve.run(app, name="melo-dist-bench", route_prefix="/")
+                load(url, bodies[: max(4, args.clients)], clients)  # warm up
+                results[mode] = load(url, bodies, clients)
+        finally:
+            serve.shutdown()
+    table, figures = [], {}
+    for mode, (latencies, wall, batches) in results.items():
+        p50, p99 = np.percentile(latencies, [50, 99]) * 1000
+        throughput = len(latencies) / wall
+        table.append(
+            (
+                mode,
+                f"p50 {p50:7.1f} ms  p99 {p99:7.1f} ms  {throughput:6.1f} requests/s  "
+                f"mean batch {np.mean(batches):.1f}",
+            )
+        )
+        key = mode.replace(" ", "_")
+        figures.update(
+            {
+                f"p50_ms_{key}": round(p50, 2),
+                f"p99_ms_{key}": round(p99, 2),
+                f"requests_per_s_{key}": round(throughput, 2),
+            }
+        )
+    figures["p50_ms"] = figures["p50_ms_single_user"]
+    figures["p99_ms"] = figures["p99_ms_batched"]
+    figures["requests_per_s"] = figures["requests_per_s_batched"]
+    figures["batching_speedup"] = round(
+        figures["requests_per_s_batched"] / figures["requests_per_s_one_at_a_time"], 2
+    )
+    title = (
+        f"bench serve: {args.requests} requests per load over loopback HTTP, histories of "
+        f"{args.history}, {args.candidates} candidates, {args.clients} clients, one replica "
+        f"with {args.threads} torch thread(s); checkpoint {args.checkpoint or DEFAULT_MODEL}"
+    )
+    return title, table, figures
