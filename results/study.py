@@ -42,7 +42,7 @@ from melo_dist.training.evaluation import (  # noqa: E402
 )
 from melo_dist.training.loop import train_local  # noqa: E402
 
-REFERENCES = ("global mean", "item mean", "support mean", "bias model")
+REFERENCES = ("global mean", "item mean", "support mean", "bias model", "factor model")
 REGIMES = ("basic", "maml", "melo")
 
 

@@ -14,6 +14,7 @@ from melo_dist.config import load_config
 from melo_dist.data.dataset import load_dataset
 from melo_dist.data.sampler import EpochSampler
 from melo_dist.errors import InputError
+from melo_dist.training.baselines import FACTOR_SHRINK, USER_SHRINK, bias_statistics, factor_fold_in
 from melo_dist.training.checkpoint import BEST, LAST, load_checkpoint
 from melo_dist.training.evaluation import (
     Targets,
@@ -100,7 +101,7 @@ def test_every_regime_trains_and_evaluates(synthetic_dir, tmp_path):
         train_local(config, log=lambda message: None)
         paths.append(str(tmp_path / regime))
     results = evaluate_checkpoints(paths, "test")
-    assert len(results) == 6 + 4  # every regime plus the four reference points
+    assert len(results) == 6 + 5  # every regime plus the five reference points
     users = {m["users"] for m in results.values()}
     assert users == {120}  # the same targets for everyone
     for metrics in results.values():
@@ -120,6 +121,25 @@ def test_a_non_finite_meta_loss_stops_training(synthetic_dir, tmp_path):
         assert torch.equal(param, before[name]), name  # no step was taken
     run.apply(grads, float(loss))
     assert run.iteration == 1
+
+
+def test_factor_reference_point_is_the_per_user_ridge_fit_and_beats_the_bias_model(synthetic_dir):
+    data = load_dataset(load_config(None, [f"data.path={synthetic_dir}"]).data)
+    rows = data.split("test")
+    batches = list(eval_batches(rows, data.spec, 0))
+    targets = collect_targets(batches)
+    support = list(zip(targets.support_items, targets.support_ratings))
+    design, weights = factor_fold_in(data.train, data.num_items, support)
+    mu, item_bias = bias_statistics(data.train, data.num_items)
+    reg = np.diag([USER_SHRINK] + [FACTOR_SHRINK] * (design.shape[1] - 1))
+    for user in (0, 7, 33):  # the batched ridge == one user's normal equations
+        items, ratings = support[user]
+        x, y = design[items], ratings - mu - item_bias[items]
+        np.testing.assert_allclose(
+            weights[user], np.linalg.solve(x.T @ x + reg, x.T @ y), atol=1e-8
+        )
+    points = reference_points(data.train, targets, data.num_items)
+    assert points["factor model"]["rmse"] < points["bias model"]["rmse"]  # users have tastes
 
 
 def test_score_aggregates_per_user_then_over_users():

@@ -10,6 +10,9 @@ import numpy as np
 from melo_dist.data.tasks import TaskRows
 
 ITEM_SHRINK, USER_SHRINK = 25.0, 10.0  # Koren-style baseline-predictor regularisation
+# The factor reference point: k and the fold-in ridge of the user factors, chosen on the ML-1M
+# subset's validation users (results/ml1m-subset-findings.md).
+REFERENCE_FACTORS, FACTOR_SHRINK = 16, 30.0
 
 
 def bias_statistics(train: TaskRows, num_items: int) -> tuple[float, np.ndarray]:
@@ -38,12 +41,33 @@ def item_factors(
     return item / np.sqrt((item[train.items] ** 2).sum(1).mean())
 
 
-def ridge(rows: np.ndarray, count: int, x: np.ndarray, y: np.ndarray, reg: float) -> np.ndarray:
-    """For every row r < count: argmin_w sum over its entries (y - x . w)^2 + reg |w|^2."""
+def factor_fold_in(
+    train: TaskRows, num_items: int, support: list[tuple[np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The factor reference point, per user of `support` [(items, ratings)]: the bias model's
+    residuals fitted by a user bias and user factors against the training item factors (ridge,
+    USER_SHRINK on the bias, FACTOR_SHRINK on the factors). Returns (item factors with a
+    leading 1 column [num_items + 1, 1 + k], user weights [users, 1 + k])."""
+    mu, item_bias = bias_statistics(train, num_items)
+    factors = item_factors(train, num_items, REFERENCE_FACTORS)
+    design = np.concatenate([np.ones((num_items + 1, 1)), factors], axis=1)
+    users = np.repeat(np.arange(len(support)), [len(items) for items, _ in support])
+    items = np.concatenate([items for items, _ in support]).astype(np.int64)
+    ratings = np.concatenate([ratings for _, ratings in support])
+    reg = np.r_[USER_SHRINK, np.full(REFERENCE_FACTORS, FACTOR_SHRINK)]
+    weights = ridge(users, len(support), design[items], ratings - mu - item_bias[items], reg)
+    return design, weights
+
+
+def ridge(
+    rows: np.ndarray, count: int, x: np.ndarray, y: np.ndarray, reg: float | np.ndarray
+) -> np.ndarray:
+    """For every row r < count: argmin_w sum over its entries (y - x . w)^2 + reg |w|^2 (`reg`
+    one value, or one per coordinate)."""
     k = x.shape[1]
     gram = np.empty((count, k, k))
     for a in range(k):
         for b in range(a, k):
             gram[:, a, b] = gram[:, b, a] = np.bincount(rows, x[:, a] * x[:, b], minlength=count)
     rhs = np.stack([np.bincount(rows, x[:, a] * y, minlength=count) for a in range(k)], axis=1)
-    return np.linalg.solve(gram + reg * np.eye(k), rhs[..., None])[..., 0]
+    return np.linalg.solve(gram + np.diag(np.broadcast_to(reg, k)), rhs[..., None])[..., 0]

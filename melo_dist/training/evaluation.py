@@ -11,7 +11,10 @@ Reference points any model must beat, computed from the same tasks:
 - global mean: the mean training rating;
 - item mean: the target item's mean training rating (global mean for unseen items);
 - support mean: the mean of the ratings in the user's support windows;
-- bias model: global mean + item bias (from training, shrunk) + user bias fitted on the support.
+- bias model: global mean + item bias (from training, shrunk) + user bias fitted on the support;
+- factor model: the bias model's residuals fitted on the support by a user bias and user
+  factors against item factors of a matrix factorisation of the training ratings (ridge
+  fold-in: collaborative filtering's answer to a new user).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from melo_dist.data.dataset import load_dataset
 from melo_dist.data.tasks import TaskBatch, TaskRows, WindowSpec, sample_tasks
 from melo_dist.errors import InputError
 from melo_dist.meta import build_learner
-from melo_dist.training.baselines import USER_SHRINK, bias_statistics
+from melo_dist.training.baselines import USER_SHRINK, bias_statistics, factor_fold_in
 from melo_dist.training.checkpoint import load_checkpoint, manifest_hash
 
 
@@ -102,7 +105,7 @@ def evaluate_learner(learner: torch.nn.Module, batches: list[TaskBatch], targets
 
 
 def reference_points(train: TaskRows, targets: Targets, num_items: int) -> dict[str, dict]:
-    """Scores of the four reference predictors on the same targets."""
+    """Scores of the reference predictors on the same targets."""
     mu, item_bias = bias_statistics(train, num_items)
     item_count = np.bincount(train.items, minlength=num_items + 1)
     item_sum = np.bincount(train.items, weights=train.ratings, minlength=num_items + 1)
@@ -113,6 +116,8 @@ def reference_points(train: TaskRows, targets: Targets, num_items: int) -> dict[
             for items, ratings in zip(targets.support_items, targets.support_ratings)
         ]
     )
+    support = list(zip(targets.support_items, targets.support_ratings))
+    design, user = factor_fold_in(train, num_items, support)
     support_mean = np.where(
         targets.support_count > 0, targets.support_sum / np.maximum(targets.support_count, 1), mu
     )
@@ -121,6 +126,9 @@ def reference_points(train: TaskRows, targets: Targets, num_items: int) -> dict[
         "item mean": item_mean[targets.item],
         "support mean": np.broadcast_to(support_mean[:, None], targets.rating.shape),
         "bias model": mu + item_bias[targets.item] + user_bias[:, None],
+        "factor model": mu
+        + item_bias[targets.item]
+        + (design[targets.item] @ user[:, :, None])[..., 0],
     }
     return {name: score(pred, targets) for name, pred in predictions.items()}
 
@@ -129,7 +137,7 @@ def evaluate_checkpoints(
     paths: list[str], split: str = "test", data_path: str | None = None, references: bool = True
 ) -> dict[str, dict]:
     """{name: metrics} for each checkpoint (named by its run folder and regime) and, optionally,
-    the four reference points, all on the same targets of `split`."""
+    the reference points, all on the same targets of `split`."""
     states = [load_checkpoint(path) for path in paths]
     config = Config.from_dict(states[0]["config"])
     if data_path:
