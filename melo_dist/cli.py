@@ -272,9 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--split", default="test", choices=("train", "valid", "test"))
     evaluate.add_argument("--data", help="prepared dataset (default: the checkpoint's)")
-    evaluate.add_argument(
-        "--no-references", action="store_true", help="skip the reference points"
-    )
+    evaluate.add_argument("--no-references", action="store_true", help="skip the reference points")
     evaluate.set_defaults(run=cmd_evaluate)
 
     predict = commands.add_parser("predict", help="adapt to users' histories, write predictions")

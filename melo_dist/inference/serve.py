@@ -160,7 +160,9 @@ def build_app(
     return ColdStartService.options(
         num_replicas=replicas,
         ray_actor_options={"num_cpus": cpus_per_replica},
-        max_ongoing_requests=2 * max_batch_size,  # else Serve caps a batch at its default 5
+        # queue requests in the replica (Serve rejects and retries beyond it; its default, 5,
+        # would also cap a batch at 5)
+        max_ongoing_requests=max(32, 2 * max_batch_size),
     ).bind(
         str(Path(checkpoint).resolve()),
         None if data is None else str(Path(data).resolve()),
