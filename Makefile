@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 # local Ray and 2 workers, score both (and the reference points) on the test users.
 run: install
 	$(BIN)/melo-dist prepare --source synthetic --out $(DATA) --test-users 400 --overwrite
-	rm -rf runs/synthetic-melo runs/synthetic-maml runs/ray-results
+	rm -rf runs/synthetic-melo runs/synthetic-maml
 	$(BIN)/melo-dist train --config configs/synthetic.yaml --workers 2 --set data.path=$(DATA) \
 		--set meta.regime=melo --set run.out=runs/synthetic-melo
 	$(BIN)/melo-dist train --config configs/synthetic.yaml --workers 2 --set data.path=$(DATA) \

@@ -109,6 +109,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     from melo_dist.training.loop import train_local
 
     config = load_config(args.config, args.set or [])
+    if args.workers < 0:
+        raise InputError(f"--workers must be 0 (in-process) or more, got {args.workers}")
+    if args.max_failures < 0:
+        raise InputError(f"--max-failures must be 0 or more, got {args.max_failures}")
     if args.workers == 0:
         best = train_local(config)
     else:

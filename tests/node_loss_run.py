@@ -13,8 +13,9 @@ from pathlib import Path
 import ray
 from conftest import tiny_config  # this script lives in tests/, beside conftest
 from ray.cluster_utils import Cluster
+from test_distributed import registered_checkpoints
 
-from melo_dist.distributed.train import fit
+from melo_dist.distributed.train import RAY_CHECKPOINTS, fit
 
 
 def main(data_dir: str, out: str) -> None:
@@ -27,15 +28,15 @@ def main(data_dir: str, out: str) -> None:
 
     def train() -> None:
         try:  # 0.75 CPU each: the two workers cannot share a 1-CPU node, one runs on `doomed`
-            fit(config, workers=2, cpus_per_worker=0.75, max_failures=2)
+            outcome["best"] = fit(config, workers=2, cpus_per_worker=0.75, max_failures=2)
         except BaseException as error:  # re-raised in the main thread
             outcome["error"] = error
 
     # Ray's node start-up needs the main thread (signal handlers): train in a thread instead.
     trainer = threading.Thread(target=train)
     trainer.start()
-    storage = Path(out).parent / "ray-results"
-    while trainer.is_alive() and not any(storage.glob("*/checkpoint_*")):
+    storage = Path(out) / RAY_CHECKPOINTS  # this run's own Ray storage
+    while trainer.is_alive() and not registered_checkpoints(storage):
         time.sleep(0.2)
     removed = trainer.is_alive()
     if removed:
@@ -45,7 +46,9 @@ def main(data_dir: str, out: str) -> None:
     if "error" in outcome:
         raise outcome["error"]
     records = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    print(json.dumps({"removed": removed, "iterations": [r["iteration"] for r in records]}))
+    iterations = [r["iteration"] for r in records]
+    resumed_from = outcome["best"]["resumed_from"]
+    print(json.dumps({"removed": removed, "iterations": iterations, "resumed_from": resumed_from}))
     ray.shutdown()
     cluster.shutdown()
 

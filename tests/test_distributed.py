@@ -17,7 +17,8 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from melo_dist.distributed.train import fit
+from melo_dist.cli import main
+from melo_dist.distributed.train import RAY_CHECKPOINTS, fit
 from melo_dist.training.checkpoint import LAST, load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -67,19 +68,31 @@ def training_worker_pids() -> list[int]:
     return pids
 
 
+def registered_checkpoints(storage) -> int:
+    """Checkpoints Ray's controller has recorded (a worker's report is registered only when the
+    controller polls it; a kill before that restarts from zero)."""
+    count = 0
+    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            count += len(json.loads(snapshot.read_text())["checkpoint_results"])
+        except (ValueError, KeyError):  # being written
+            continue
+    return count
+
+
 def kill_a_worker_after_first_checkpoint(storage, killed: list) -> None:
     deadline = time.time() + 240
     while time.time() < deadline:
         pids = training_worker_pids()
-        if pids and any(storage.glob("*/checkpoint_*")):
+        if pids and registered_checkpoints(storage) >= 1:
             os.kill(pids[-1], signal.SIGKILL)
             killed.append(pids[-1])
             return
-        time.sleep(0.2)
+        time.sleep(0.05)
 
 
 def test_recovers_from_a_killed_worker(ray_session, synthetic_dir, tmp_path):
-    iterations = 8
+    iterations = 16  # the kill lands early: most of the run is left to recover
     fit(
         tiny_config(synthetic_dir, tmp_path / "clean", iterations),
         workers=2,
@@ -87,7 +100,9 @@ def test_recovers_from_a_killed_worker(ray_session, synthetic_dir, tmp_path):
     )
     killed: list = []
     killer = threading.Thread(
-        target=kill_a_worker_after_first_checkpoint, args=(tmp_path / "ray-results", killed)
+        # the crashed run's own Ray storage: the clean run's checkpoints cannot trigger it
+        target=kill_a_worker_after_first_checkpoint,
+        args=(tmp_path / "crashed" / RAY_CHECKPOINTS, killed),
     )
     killer.start()
     best = fit(
@@ -101,6 +116,7 @@ def test_recovers_from_a_killed_worker(ray_session, synthetic_dir, tmp_path):
     records = [json.loads(x) for x in (tmp_path / "crashed/metrics.jsonl").read_text().splitlines()]
     iterations_seen = [r["iteration"] for r in records]
     assert iterations_seen == sorted(set(iterations_seen)) and iterations_seen[-1] == iterations
+    assert best["resumed_from"] > 0  # the restarted workers continued from a checkpoint
     clean = [json.loads(x) for x in (tmp_path / "clean/metrics.jsonl").read_text().splitlines()]
     # After a restart the Ray Data epoch starts again, so the user order differs from the
     # uninterrupted run; the result must agree within a small tolerance.
@@ -122,5 +138,34 @@ def test_training_survives_losing_a_node(synthetic_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["removed"]
+    assert summary["resumed_from"] > 0  # the new worker group continued from a checkpoint
     assert summary["iterations"] == sorted(set(summary["iterations"]))
     assert summary["iterations"][-1] == 8
+
+
+def test_ray_refuses_to_resume_a_run_of_another_config(
+    ray_session, synthetic_dir, tmp_path, capsys
+):
+    """Like in-process training: the folder and the first differing key, exit 2, nothing run."""
+    out = tmp_path / "run"
+    fit(tiny_config(synthetic_dir, out, iterations=2), workers=2, cpus_per_worker=0.5)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    changed = ["--set", "optim.lr=0.01"]
+    args = ["train", "--workers", "2", "--cpus-per-worker", "0.5", *settings_of(synthetic_dir, out)]
+    assert main([*args, *changed]) == 2
+    error = capsys.readouterr().err
+    assert str(out) in error and "optim.lr was 0.001, now 0.01" in error
+    (out / LAST).unlink()  # Ray's own checkpoint of the run is checked too
+    assert main([*args, *changed]) == 2
+    assert "optim.lr was 0.001" in capsys.readouterr().err
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items() if p.exists())
+
+
+def settings_of(data_dir, out) -> list[str]:
+    """`--set` flags giving the CLI the config tiny_config(data_dir, out, iterations=2) builds."""
+    config = tiny_config(data_dir, out, iterations=2)
+    flags = []
+    for section, values in config.to_dict().items():
+        for key, value in values.items():
+            flags += ["--set", f"{section}.{key}={value}"]
+    return flags

@@ -177,3 +177,20 @@ def test_failed_run_leaves_nothing_and_keeps_a_good_dataset(tmp_path):
 
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folders left
+
+
+def test_overwrite_replaces_only_a_prepared_dataset(tmp_path):
+    ratings = generate_ratings(SyntheticSpec(users=200, items=100, seed=0))
+    settings = PrepareSettings(min_item_ratings=5, test_users=20)
+    own = tmp_path / "work"
+    own.mkdir()
+    (own / "notes.txt").write_text("the user's own files")
+    with pytest.raises(InputError, match="left untouched"):
+        prepare(ratings, own, settings, {"family": "synthetic"}, overwrite=True)
+    assert [p.name for p in own.iterdir()] == ["notes.txt"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="not a folder"):
+        prepare(ratings, tmp_path / "file", settings, {"family": "synthetic"}, overwrite=True)
+    prepare(ratings, tmp_path / "data", settings, {"family": "synthetic"})
+    prepare(ratings, tmp_path / "data", settings, {"family": "synthetic"}, overwrite=True)
+    assert (tmp_path / "data" / "manifest.json").is_file()

@@ -29,6 +29,11 @@ pytestmark = pytest.mark.slow
 GOOD = {"meta.tasks_per_batch": 4, "meta.inner_lr": 0.05, "optim.lr": 0.005}
 
 
+def read_results(out) -> pd.DataFrame:
+    """results.csv with trial ids as text: an id like 043692e5 would parse as a number."""
+    return pd.read_csv(out / RESULTS, dtype={"trial": str})
+
+
 def space_file(
     folder: Path, data_dir: Path, initial: list[dict], iterations: int = 8, grace: int = 4
 ) -> Path:
@@ -73,7 +78,7 @@ def finished_sweep(ray_session, synthetic_dir, tmp_path_factory):
     out = folder / "out"
     records = sweep(space, trials=len(initial), out=out)
     write_outputs(records, space, out)
-    return out, pd.read_csv(out / RESULTS).set_index("number")
+    return out, read_results(out).set_index("number")
 
 
 def test_sweep_writes_the_table_plots_and_a_best_config_that_trains(finished_sweep, capsys):
@@ -86,7 +91,7 @@ def test_sweep_writes_the_table_plots_and_a_best_config_that_trains(finished_swe
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     best = load_config(out / BEST)
-    winner = pd.read_csv(out / RESULTS).iloc[0]
+    winner = read_results(out).iloc[0]
     assert best.meta.inner_lr == pytest.approx(winner["meta.inner_lr"])
     assert best.optim.lr == pytest.approx(winner["optim.lr"])
     assert (Path(winner["checkpoint"]) / "best.pt").exists()  # the trial's own checkpoint
@@ -166,7 +171,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
     assert not (out / RESULTS).exists()  # no half-written outputs
 
     assert main(command) == 0  # in-process, joining the same Ray instance
-    table = pd.read_csv(out / RESULTS)
+    table = read_results(out)
     assert set(table["trial"]) == trial_ids  # the same two trials: restored, not started anew
     launched = dict(zip(table["trial"], table["number"]))
     assert (launched[first_run.name], launched[second_run.name]) == (0, 1)  # launch order kept

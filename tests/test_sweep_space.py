@@ -194,7 +194,7 @@ def test_outputs_rank_trials_and_write_a_trainable_best_config(tmp_path):
     out = tmp_path / "sweep"  # not there yet: with --storage, nothing else writes into it
     write_outputs(records, space, out)
 
-    table = pd.read_csv(out / RESULTS)
+    table = pd.read_csv(out / RESULTS, dtype={"trial": str})  # ids like 043692e5: text
     assert table["trial"].tolist() == ["t2", "t3", "t0", "t1"]  # by RMSE, errored last
     assert table.loc[3, "status"] == "errored" and table.loc[3, "error"] == "InputError: boom"
     best = load_config(out / BEST)  # exactly what `melo-dist train --config` reads

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_config
 
 from melo_dist.cli import main
-from melo_dist.config import load_config
+from melo_dist.config import LOWER_BOUNDS, Config, load_config
 from melo_dist.data.dataset import load_dataset
 from melo_dist.data.sampler import EpochSampler
 from melo_dist.errors import InputError
@@ -187,6 +187,40 @@ def test_config_errors_name_the_key(tmp_path):
     scalar_section.write_text("data: 5\n")
     with pytest.raises(InputError, match=r"scalar.yaml: a config file must be a mapping"):
         load_config(scalar_section)
+
+
+def test_every_numeric_setting_is_range_checked_in_one_place():
+    numeric = [
+        f"{section}.{name}"
+        for section, values in Config().to_dict().items()
+        for name, value in values.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    ]
+    assert sorted(numeric) == sorted(key for key, _, _ in LOWER_BOUNDS)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("model.heads=0", "model.heads must be >= 1, got 0"),
+        ("run.log_every=0", "run.log_every must be >= 1"),
+        ("optim.lr=-0.001", "optim.lr must be > 0"),
+        ("optim.encoder_lr=0", "optim.encoder_lr must be > 0"),
+        ("data.valid_users=-1", "data.valid_users must be >= 0"),
+        ("model.dim=30", "model.dim must be divisible by model.heads"),
+    ],
+)
+def test_out_of_range_settings_exit_2_naming_the_key(tmp_path, capsys, setting, message):
+    out = tmp_path / "run"
+    assert main(["train", "--set", setting, "--set", f"run.out={out}"]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", [["--workers", "-1"], ["--workers", "2", "--max-failures", "-1"]])
+def test_negative_worker_flags_exit_2(tmp_path, capsys, flag):
+    assert main(["train", *flag, "--set", f"run.out={tmp_path / 'run'}"]) == 2
+    assert flag[-2] in capsys.readouterr().err
 
 
 def test_cli_train_and_evaluate(synthetic_dir, tmp_path, capsys):

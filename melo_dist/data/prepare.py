@@ -181,10 +181,20 @@ def prepare(
 ) -> dict:
     """Prepare `ratings` (canonical columns) into `out_dir`; return the manifest."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
-        raise InputError(
-            "output folder exists and is not empty; pass --overwrite to replace it", path=out_dir
-        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError("output path exists and is not a folder", path=out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise InputError(
+                "output folder exists and is not empty; pass --overwrite to replace it",
+                path=out_dir,
+            )
+        if not (out_dir / MANIFEST).is_file():  # never delete a folder prepare did not write
+            raise InputError(
+                "--overwrite replaces only a dataset `prepare` wrote (a folder with "
+                f"{MANIFEST}); this folder holds other files, so it is left untouched",
+                path=out_dir,
+            )
     progress(f"filtering {len(ratings):,} ratings")
     ordered, counts = filter_and_order(ratings, settings)
     user_ids = ordered["user_id"].drop_duplicates().to_numpy(dtype=object)

@@ -9,6 +9,7 @@ ranks stay identical. Nothing algorithmic lives here.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -29,11 +30,19 @@ from melo_dist.data.seeds import derive_seed
 from melo_dist.data.tasks import TaskBatch, TaskRows
 from melo_dist.errors import InputError
 from melo_dist.runtime import log, prepare_process
-from melo_dist.training.checkpoint import BEST, LAST, METRICS, best_record, load_checkpoint
+from melo_dist.training.checkpoint import (
+    BEST,
+    LAST,
+    METRICS,
+    best_record,
+    load_checkpoint,
+    resumable_state,
+)
 from melo_dist.training.loop import train
 from melo_dist.training.run import TrainingRun
 
 ROWS = ["user_id", "item_id", "rating"]
+RAY_CHECKPOINTS = "ray-checkpoints"  # Ray Train's storage inside run.out, unless --storage
 DATA_CPUS = 0.5  # left free beside the training workers, for Ray Data and the controller
 
 
@@ -94,7 +103,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     def save(losses: list[float], seconds: float) -> dict | None:
         if rank != 0:
-            ray.train.report({"iteration": run.iteration})  # a barrier: every rank reports
+            # a barrier: every rank reports (what every rank knows, whichever one Ray keeps)
+            ray.train.report({"iteration": run.iteration, "resumed_from": resumed_from})
             return None
         record = run.checkpoint(staging, losses, seconds)
         report = {**record, "resumed_from": resumed_from}
@@ -142,9 +152,12 @@ def build_trainer(
     max_failures: int = 0,
     callbacks: list | None = None,
 ) -> TorchTrainer:
-    """The TorchTrainer of one distributed run, named after config.run.out (no timestamp, so a
-    restarted run finds its checkpoints). `callbacks`: Ray Train callbacks (a Tune trial passes
-    `TuneReportCallback`)."""
+    """The TorchTrainer of one distributed run, named after the full path of config.run.out (no
+    timestamp, so a restarted run finds its checkpoints; two runs called `run` in different
+    folders never share them). Ray's checkpoints go under `storage_path`, by default inside
+    run.out, so deleting a run folder starts that run over. A run folder or Ray checkpoint of
+    another config is refused, as in-process training refuses it. `callbacks`: Ray Train
+    callbacks (a Tune trial passes `TuneReportCallback`)."""
     config.check_workers(workers)
     config = Config.from_dict(config.to_dict())  # paths are made absolute below: work on a copy
     data = Path(config.data.path)
@@ -154,6 +167,13 @@ def build_trainer(
         config.run.init_from = str(Path(config.run.init_from).resolve())
     load_dataset(config.data)  # fail here, with a clear message, not in a worker
     out = Path(config.run.out).resolve()
+    name = f"{out.name}-{hashlib.sha256(str(out).encode()).hexdigest()[:8]}"
+    storage = storage_path or str(out / RAY_CHECKPOINTS)
+    resumable_state(out, config.to_dict())  # the files of an earlier run, in-process or Ray
+    if "://" not in storage:  # Ray's own checkpoint of this run, on a local or mounted path
+        earlier = sorted(p for p in (Path(storage) / name).glob("checkpoint_*") if p.is_dir())
+        if earlier:  # (its checkpoint_manager_snapshot.json is not one)
+            resumable_state(earlier[-1], config.to_dict())
     # One row per user: small. Materialised before the workers take their CPUs, so the read
     # never waits for resources the training workers hold.
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -176,8 +196,8 @@ def build_trainer(
             num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
         ),
         run_config=RunConfig(
-            name=out.name,
-            storage_path=storage_path or str(out.parent / "ray-results"),
+            name=name,
+            storage_path=storage,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
@@ -188,7 +208,8 @@ def build_trainer(
 
 def fit(config: Config, workers: int, **settings: Any) -> dict:
     """Meta-train on Ray (`settings`: those of `build_trainer`); copies the final checkpoint
-    files into config.run.out and returns the best validation record."""
+    files into config.run.out and returns the best validation record, with `resumed_from`: the
+    iteration the last worker group started from (> 0 after a recovery or a resume)."""
     result = build_trainer(config, workers, **settings).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint: {result.error}")
@@ -198,7 +219,7 @@ def fit(config: Config, workers: int, **settings: Any) -> dict:
         for name in (LAST, BEST, METRICS):
             if (Path(folder) / name).exists():
                 shutil.copy2(Path(folder) / name, out / name)
-    return best_record(out)
+    return {**best_record(out), "resumed_from": result.metrics.get("resumed_from", 0)}
 
 
 def connect() -> None:

@@ -59,18 +59,30 @@ def resumable_state(out: Path, config: dict) -> dict | None:
     if not (out / LAST).exists():
         return None
     state = load_checkpoint(out / LAST)
-    if learning_settings(state["config"]) != learning_settings(config):
-        raise InputError("holds a run with a different config; choose another run.out", path=out)
+    saved, wanted = learning_settings(state["config"]), learning_settings(config)
+    for section, values in wanted.items():
+        for key, value in values.items():
+            before = saved.get(section, {}).get(key)
+            if before != value:
+                raise InputError(
+                    f"holds a run with a different config ({section}.{key} was {before!r}, "
+                    f"now {value!r}); choose another run.out, or delete the folder to start over",
+                    path=out,
+                )
     return state
 
 
 def learning_settings(config: dict) -> dict:
     """The settings a resumed run must share: all but where and with what it runs (paths may
-    move; the dataset itself is checked by its manifest hash)."""
-    return {
+    move; the dataset itself is checked by its manifest hash). The initialising checkpoint is
+    compared by where it is, however it was written."""
+    settings = {
         section: {k: v for k, v in values.items() if k not in RESOURCE_KEYS}
         for section, values in config.items()
     }
+    if settings.get("run", {}).get("init_from"):
+        settings["run"]["init_from"] = str(Path(settings["run"]["init_from"]).resolve())
+    return settings
 
 
 def append_metrics(out: Path, record: dict) -> None:
