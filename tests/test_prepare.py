@@ -107,12 +107,14 @@ def test_time_order_tie_break_and_duplicates(tmp_path):
         ("b", "10", 4, 5),
         ("b", "9", 3, 20),
         ("b", "2", 2, 30),
+        ("c", "2", 4, 1),  # a third user: test, validation and training each need one
+        ("c", "7", 4, 2),
     ]
     frame = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"]).astype(
         {"user_id": "string", "item_id": "string", "rating": "float32", "timestamp": "int64"}
     )
     settings = PrepareSettings(
-        min_item_ratings=1, min_user_ratings=2, test_users=1, valid_fraction=0.0
+        min_item_ratings=1, min_user_ratings=2, test_users=1, valid_fraction=0.5
     )
     manifest = prepare(frame, tmp_path / "out", settings, {"family": "csv"})
     assert manifest["counts"]["duplicates_dropped"] == 1
@@ -146,18 +148,20 @@ def test_manifest_statistics(synthetic_dir):
 def test_balance_score_extremes(tmp_path):
     frame = pd.DataFrame(
         {
-            "user_id": pd.array(["a"] * 4 + ["b"] * 4, dtype="string"),
-            "item_id": pd.array(["1", "2", "3", "4"] * 2, dtype="string"),
-            "rating": np.array([5, 5, 5, 5, 1, 2, 3, 4], dtype=np.float32),
-            "timestamp": np.arange(8, dtype=np.int64),
+            "user_id": pd.array(["a"] * 4 + ["b"] * 4 + ["c"] * 5, dtype="string"),
+            "item_id": pd.array(
+                ["1", "2", "3", "4"] * 2 + ["1", "2", "3", "4", "5"], dtype="string"
+            ),
+            "rating": np.array([5, 5, 5, 5, 1, 2, 3, 4, 1, 2, 3, 4, 5], dtype=np.float32),
+            "timestamp": np.arange(13, dtype=np.int64),
         }
     )
     settings = PrepareSettings(
-        min_item_ratings=1, min_user_ratings=2, test_users=1, valid_fraction=0.0
+        min_item_ratings=1, min_user_ratings=2, test_users=1, valid_fraction=0.5
     )
     manifest = prepare(frame, tmp_path / "out", settings, {"family": "csv"})
-    # a: one level -> 0; b: four of five levels evenly -> log 4 / log 5.
-    assert manifest["balance_score"] == pytest.approx((0 + np.log(4) / np.log(5)) / 2)
+    # a: one level -> 0; b: four of five levels evenly -> log 4 / log 5; c: all five -> 1.
+    assert manifest["balance_score"] == pytest.approx((0 + np.log(4) / np.log(5) + 1) / 3)
 
 
 def test_failed_run_leaves_nothing_and_keeps_a_good_dataset(tmp_path):
@@ -194,3 +198,16 @@ def test_overwrite_replaces_only_a_prepared_dataset(tmp_path):
     prepare(ratings, tmp_path / "data", settings, {"family": "synthetic"})
     prepare(ratings, tmp_path / "data", settings, {"family": "synthetic"}, overwrite=True)
     assert (tmp_path / "data" / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("valid_fraction", "users", "message"),
+    [(0.0, 200, "--valid-fraction must be in"), (0.001, 200, "rounds to no validation user")],
+)
+def test_no_validation_users_is_refused_at_prepare(tmp_path, valid_fraction, users, message):
+    """Training selects checkpoints on validation users: an empty split is refused up front."""
+    ratings = generate_ratings(SyntheticSpec(users=users, items=100, seed=0))
+    with pytest.raises(InputError, match=message):
+        settings = PrepareSettings(min_item_ratings=5, test_users=20, valid_fraction=valid_fraction)
+        prepare(ratings, tmp_path / "out", settings, {"family": "synthetic"})
+    assert not (tmp_path / "out").exists()

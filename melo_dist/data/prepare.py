@@ -56,8 +56,11 @@ class PrepareSettings:
             raise InputError(
                 f"test_users must be a count >= 1 or a fraction in (0, 1), got {self.test_users}"
             )
-        if not 0 <= self.valid_fraction < 1:
-            raise InputError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
+        if not 0 < self.valid_fraction < 1:  # training validates on these users: none is an error
+            raise InputError(
+                f"--valid-fraction must be in (0, 1), got {self.valid_fraction}: training selects "
+                "its checkpoints on the validation users"
+            )
 
 
 def sha256_file(path: Path) -> str:
@@ -123,10 +126,15 @@ def split_users(n_users: int, settings: PrepareSettings) -> dict[str, np.ndarray
     )
     n_rest = n_users - n_test
     n_valid = round(settings.valid_fraction * n_rest)
-    if n_test < 1 or n_rest - n_valid < 1:
+    if n_test < 1 or n_rest - max(n_valid, 1) < 1:
         raise InputError(
             f"test_users={settings.test_users} leaves no training users among {n_users} users "
             "after filtering; pass a smaller --test-users (a count, or a fraction such as 0.2)"
+        )
+    if n_valid < 1:
+        raise InputError(
+            f"--valid-fraction {settings.valid_fraction} of {n_rest} users rounds to no "
+            "validation user; pass a larger --valid-fraction"
         )
     order = np.random.default_rng(settings.seed).permutation(n_users)
     parts = {
