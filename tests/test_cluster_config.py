@@ -46,3 +46,8 @@ def test_cluster_yaml_shape():
     # no dashboard open to the world: bound to localhost, reached over SSH
     starts = " ".join(cluster["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in starts and "0.0.0.0" not in starts
+    # SSH is the only ingress, from a configured range, never the world
+    (rule,) = cluster["provider"]["security_group"]["IpPermissions"]
+    assert (rule["FromPort"], rule["ToPort"]) == (22, 22)
+    ranges = [r["CidrIp"] for r in rule["IpRanges"]]
+    assert ranges and "0.0.0.0/0" not in ranges
