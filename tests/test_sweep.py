@@ -159,9 +159,11 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
     while len(list(second_run.glob("checkpoint_*"))) < 2:  # it has reported twice
         assert first.poll() is None and time.time() < deadline, "second trial never reported"
         time.sleep(0.1)
-    trial_ids = {first_run.name, second_run.name}  # the finished trial and the interrupted one
+    # Ray Train names a trial's run "<trial id>-<hash of its path>"
+    first_id, second_id = (run.name.rsplit("-", 1)[0] for run in (first_run, second_run))
+    trial_ids = {first_id, second_id}  # the finished trial and the interrupted one
     tune_folder = out / "ray" / "out"
-    (tune_first,) = tune_folder.glob(f"trial-1-{first_run.name}")  # Tune numbers trials from 1
+    (tune_first,) = tune_folder.glob(f"trial-1-{first_id}")  # Tune numbers trials from 1
     finished = [first_run, tune_first]  # the finished trial's Train and Tune folders
     before = snapshot(finished)
     first.send_signal(signal.SIGINT)  # Ctrl+C: Tune saves its state and stops
@@ -174,10 +176,10 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
     table = read_results(out)
     assert set(table["trial"]) == trial_ids  # the same two trials: restored, not started anew
     launched = dict(zip(table["trial"], table["number"]))
-    assert (launched[first_run.name], launched[second_run.name]) == (0, 1)  # launch order kept
+    assert (launched[first_id], launched[second_id]) == (0, 1)  # launch order kept
     assert set(table["status"]) <= {"completed", "stopped early"}
     assert snapshot(finished) == before  # the finished trial was not run again
-    progress = pd.read_csv(tune_folder / f"trial-2-{second_run.name}" / "progress.csv")
+    progress = pd.read_csv(tune_folder / f"trial-2-{second_id}" / "progress.csv")
     last = progress.iloc[-1]  # Tune may or may not keep the reports from before the interrupt
     assert last["iteration"] == 40 and last["resumed_from"] >= 2  # continued from a checkpoint
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
