@@ -119,6 +119,11 @@ def test_a_non_finite_meta_loss_stops_training(synthetic_dir, tmp_path):
     assert run.iteration == 0
     for name, param in run.learner.named_parameters():
         assert torch.equal(param, before[name]), name  # no step was taken
+    name = next(iter(grads))  # a finite loss with a non-finite gradient stops it too
+    with pytest.raises(FloatingPointError, match=f"gradient of {name} became non-finite"):
+        run.apply({**grads, name: torch.full_like(grads[name], float("inf"))}, float(loss))
+    for name, param in run.learner.named_parameters():
+        assert torch.equal(param, before[name]), name
     run.apply(grads, float(loss))
     assert run.iteration == 1
 

@@ -76,11 +76,16 @@ class TrainingRun:
         return meta_step(self.learner, batch.to(self.device), self.iteration)
 
     def apply(self, grads: dict[str, torch.Tensor], loss: float) -> None:
-        """One optimiser step with the (all-reduced) gradients. A non-finite meta-loss stops the
-        run: every later step, checkpoint and validation would be silently meaningless."""
-        if not math.isfinite(loss):
+        """One optimiser step with the (all-reduced) gradients. A non-finite meta-loss or
+        gradient stops the run before any parameter moves: every later step, checkpoint and
+        validation would be silently meaningless."""
+        broken = [name for name, grad in grads.items() if not torch.isfinite(grad).all()]
+        problem = f"the meta-loss became {loss}" if not math.isfinite(loss) else None
+        if broken and problem is None:
+            problem = f"the gradient of {broken[0]} became non-finite"
+        if problem:
             raise FloatingPointError(
-                f"the meta-loss became {loss} at iteration {self.iteration + 1}; "
+                f"{problem} at iteration {self.iteration + 1}; "
                 "the learning rates (optim.lr, meta.inner_lr, optim.encoder_lr) are too high"
             )
         for name, param in self.learner.named_parameters():
