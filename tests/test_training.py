@@ -15,7 +15,7 @@ from melo_dist.data.dataset import load_dataset
 from melo_dist.data.sampler import EpochSampler
 from melo_dist.errors import InputError
 from melo_dist.training.baselines import FACTOR_SHRINK, USER_SHRINK, bias_statistics, factor_fold_in
-from melo_dist.training.checkpoint import BEST, LAST, load_checkpoint
+from melo_dist.training.checkpoint import BEST, LAST, best_record, load_checkpoint
 from melo_dist.training.evaluation import (
     Targets,
     collect_targets,
@@ -66,6 +66,36 @@ def test_resume_continues_exactly(synthetic_dir, tmp_path):
         for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     ]
     assert iterations == [3, 6]  # nothing counted twice
+
+
+def test_a_run_folder_left_by_a_crash_resumes(synthetic_dir, tmp_path, capsys):
+    """What a kill can leave: a metrics record past last.pt (the record is written first) and
+    a torn last line. The resume drops both and continues; no temporary file is left."""
+    out = tmp_path / "run"
+    train_local(tiny_config(synthetic_dir, out, validate_every=3), log=lambda message: None)
+    straight = load_checkpoint(out / LAST)
+    records = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["iteration"] for r in records] == [3, 6]
+    # the state of a kill during the second checkpoint: record 6 written, last.pt still at 3
+    crashed = tmp_path / "crashed"
+    with pytest.raises(Crash):
+        train_local(
+            tiny_config(synthetic_dir, crashed, validate_every=3), log=crash_after_iteration_3
+        )
+    with open(crashed / "metrics.jsonl", "a") as handle:
+        handle.write(records[1] + "\n" + records[1][:17])  # a record past last.pt, a torn line
+    messages = []
+    train_local(tiny_config(synthetic_dir, crashed, validate_every=3), log=messages.append)
+    assert any("torn last line" in m for m in capsys.readouterr().err.splitlines())
+    lines = (crashed / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["iteration"] for r in lines] == [3, 6]
+    resumed = load_checkpoint(crashed / LAST)
+    for name, value in straight["learner"].items():
+        assert torch.equal(value, resumed["learner"][name]), name
+    assert not [p.name for p in crashed.iterdir() if p.name.startswith(".")]  # no temp files
+    (crashed / "metrics.jsonl").write_text('{"iteration": 3}\nnot json\n' + lines[-1] + "\n")
+    with pytest.raises(InputError, match=r"metrics.jsonl:2: is not a metrics record"):
+        best_record(crashed)
 
 
 def test_training_writes_checkpoints_and_improves(synthetic_dir, tmp_path):

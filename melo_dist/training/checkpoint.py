@@ -13,11 +13,14 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 from melo_dist.errors import InputError
+from melo_dist.runtime import log
 
 LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.jsonl"
 RESOURCE_KEYS = ("path", "out", "threads")  # where and with what a run runs, not what it learns
@@ -27,18 +30,31 @@ def manifest_hash(data_dir: str | Path) -> str:
     return hashlib.sha256((Path(data_dir) / "manifest.json").read_bytes()).hexdigest()
 
 
-def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written file."""
+def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write a temporary file in the same folder, fsync it, rename it onto `path`, fsync the
+    folder: after a crash (kill, power loss, full disk) `path` is the old file or the new one,
+    never a torn one, and no temporary file is left behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
     try:
-        torch.save(state, tmp)
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    write_atomically(path, lambda stream: torch.save(state, stream))
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -86,12 +102,29 @@ def learning_settings(config: dict) -> dict:
 
 
 def append_metrics(out: Path, record: dict) -> None:
+    """Append one record and fsync it. The trainer appends before it writes the checkpoint, and
+    a resume drops records past its checkpoint: after a crash the two always agree."""
     with open(out / METRICS, "a") as handle:
         handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
+    """The run's records. A torn last line (a crash mid-append) is dropped with a warning; a
+    bad line elsewhere is an error naming it."""
+    lines = (out / METRICS).read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise InputError(
+                    "is not a metrics record", path=out / METRICS, line=number
+                ) from None
+            log(f"{out / METRICS}:{number}: dropping a torn last line (the run was interrupted)")
+    return records
 
 
 def best_record(out: Path) -> dict:
@@ -102,4 +135,5 @@ def keep_metrics_until(out: Path, iteration: int) -> None:
     """On resume, drop metric lines past the checkpoint so no iteration is counted twice."""
     if (out / METRICS).exists():
         kept = [r for r in read_metrics(out) if r["iteration"] <= iteration]
-        (out / METRICS).write_text("".join(json.dumps(r) + "\n" for r in kept))
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        write_atomically(out / METRICS, lambda stream: stream.write(text.encode()))

@@ -108,15 +108,13 @@ class TrainingRun:
         return evaluate_learner(self.learner, self.valid_batches, self.valid_targets)
 
     def checkpoint(self, out: Path, losses: list[float], seconds: float) -> dict:
-        """Validate, write last.pt (and best.pt when validation RMSE improved) and append the
-        metrics record to `out`; returns the record. `seconds`: the training time of `losses`."""
+        """Validate, append the metrics record to `out`, then write last.pt (and best.pt when
+        validation RMSE improved); returns the record. `seconds`: the training time of `losses`.
+        Record first: a crash in between leaves a record past last.pt, which a resume drops
+        (`keep_metrics_until`), never a checkpoint without its record."""
         metrics = self.validate()
         improved = metrics["rmse"] < self.best_rmse
         self.best_rmse = min(self.best_rmse, metrics["rmse"])
-        state = self.state_dict()
-        save_checkpoint(out / LAST, state)
-        if improved:
-            save_checkpoint(out / BEST, state)
         record = {
             "iteration": self.iteration,
             "loss": float(np.mean(losses)),
@@ -126,6 +124,10 @@ class TrainingRun:
             "seconds_per_iteration": seconds / len(losses),
         }
         append_metrics(out, record)
+        state = self.state_dict()
+        save_checkpoint(out / LAST, state)
+        if improved:
+            save_checkpoint(out / BEST, state)
         return record
 
     def state_dict(self) -> dict:
