@@ -5,7 +5,8 @@ iterations on the embedded synthetic default: latency depends on the sizes, not 
 through the same Ray Serve application `melo-dist serve` runs, on a free loopback port, and
 sends real HTTP requests, each a history of `--history` ratings and `--candidates` candidates:
 
-- single user: one client, one request at a time (the latency a lone user sees);
+- single user: one client, one request at a time, on the batching deployment (the latency a
+  lone user sees, batch wait included);
 - one at a time: `--clients` concurrent clients, max batch size 1;
 - batched: the same load with `@serve.batch` (max batch size `--max-batch-size`).
 
@@ -109,10 +110,9 @@ def run(options: list[str]) -> tuple[str, list, dict]:
         start_serve("127.0.0.1", port)
         results = {}
         try:
-            for mode, batch, clients in (
-                ("single user", 1, 1),
-                ("one at a time", 1, args.clients),
-                ("batched", args.max_batch_size, args.clients),
+            for batch, loads in (
+                (1, [("one at a time", args.clients)]),
+                (args.max_batch_size, [("batched", args.clients), ("single user", 1)]),
             ):
                 app = build_app(
                     checkpoint,
@@ -123,8 +123,9 @@ def run(options: list[str]) -> tuple[str, list, dict]:
                     threads=args.threads,
                 )
                 serve.run(app, name="melo-dist-bench", route_prefix="/")
-                load(url, bodies[: max(4, args.clients)], clients)  # warm up
-                results[mode] = load(url, bodies, clients)
+                for mode, clients in loads:
+                    load(url, bodies[: max(4, clients)], clients)  # warm up
+                    results[mode] = load(url, bodies, clients)
         finally:
             serve.shutdown()
     table, figures = [], {}
