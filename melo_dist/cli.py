@@ -106,15 +106,21 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from melo_dist.config import load_config
-    from melo_dist.training.loop import train_local
+    from melo_dist.training.loop import Interrupted, train_local
 
     config = load_config(args.config, args.set or [])
     if args.workers < 0:
         raise InputError(f"--workers must be 0 (in-process) or more, got {args.workers}")
     if args.max_failures < 0:
         raise InputError(f"--max-failures must be 0 or more, got {args.max_failures}")
+    if args.max_minutes is not None and (args.max_minutes <= 0 or args.workers):
+        raise InputError("--max-minutes takes minutes > 0, for in-process training (--workers 0)")
     if args.workers == 0:
-        best = train_local(config)
+        try:
+            best = train_local(config, max_minutes=args.max_minutes)
+        except Interrupted as stopped:
+            log(str(stopped))
+            raise SystemExit(stopped.exit_code) from None
     else:
         from melo_dist.distributed.train import connect, fit
 
@@ -258,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--cpus-per-worker", type=float, help="default: up to 1, leaving half a CPU for Ray Data"
     )
     train.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    train.add_argument(
+        "--max-minutes",
+        type=float,
+        help="stop cleanly (checkpoint written) after this much wall time; resume by re-running",
+    )
     train.add_argument("--storage", help="Ray storage_path (shared storage on a cluster)")
     train.add_argument(
         "--max-failures",

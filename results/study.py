@@ -40,7 +40,7 @@ from melo_dist.training.evaluation import (  # noqa: E402
     evaluate_checkpoints,
     reference_points,
 )
-from melo_dist.training.loop import train_local  # noqa: E402
+from melo_dist.training.loop import Interrupted, train_local  # noqa: E402
 
 REFERENCES = ("global mean", "item mean", "support mean", "bias model", "factor model")
 REGIMES = ("basic", "maml", "melo")
@@ -280,7 +280,11 @@ def main() -> None:
         if done(run, records_dir, version):  # a parallel part finished it meanwhile
             continue
         print(f"run {run['name']} ({run['iterations']} iterations)", flush=True)
-        record = train_and_score(plan, run, data, work, version)
+        try:
+            record = train_and_score(plan, run, data, work, version)
+        except Interrupted as stopped:  # Ctrl-C / SIGTERM: the run's checkpoint is written
+            print(f"  {run['name']}: {stopped}", flush=True)
+            raise SystemExit(stopped.exit_code) from None
         (records_dir / f"{run['name']}.json").write_text(json.dumps(record, indent=1) + "\n")
         print(f"  {run['name']}: test RMSE {record['rmse']:.4f}", flush=True)
     missing = [run["name"] for run in runs if not done(run, records_dir, version)]

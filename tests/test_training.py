@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -25,7 +27,7 @@ from melo_dist.training.evaluation import (
     reference_points,
     score,
 )
-from melo_dist.training.loop import train, train_local
+from melo_dist.training.loop import Interrupted, train, train_local
 from melo_dist.training.run import TrainingRun
 
 
@@ -96,6 +98,43 @@ def test_a_run_folder_left_by_a_crash_resumes(synthetic_dir, tmp_path, capsys):
     (crashed / "metrics.jsonl").write_text('{"iteration": 3}\nnot json\n' + lines[-1] + "\n")
     with pytest.raises(InputError, match=r"metrics.jsonl:2: is not a metrics record"):
         best_record(crashed)
+
+
+def test_sigterm_checkpoints_the_current_iteration_and_the_run_resumes(synthetic_dir, tmp_path):
+    """SIGTERM mid-run: the iteration in progress finishes, its checkpoint is written (not the
+    last validate_every boundary), and re-running continues to the straight run's parameters."""
+    train_local(
+        tiny_config(synthetic_dir, tmp_path / "straight", validate_every=3), log=lambda m: None
+    )
+
+    sent = []
+
+    def terminate_at_iteration_4(message: str) -> None:
+        if message.startswith("iter 4/") and not sent:  # (the stop logs "iter 4/" again)
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))
+
+    out = tmp_path / "stopped"
+    with pytest.raises(Interrupted, match="stopped by SIGTERM at iteration 4") as stopped:
+        train_local(tiny_config(synthetic_dir, out, validate_every=3), log=terminate_at_iteration_4)
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert load_checkpoint(out / LAST)["iteration"] == 4
+    assert [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").open()] == [3, 4]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is restored
+    train_local(tiny_config(synthetic_dir, out, validate_every=3), log=lambda m: None)
+    a, b = load_checkpoint(tmp_path / "straight" / LAST), load_checkpoint(out / LAST)
+    for name, value in a["learner"].items():
+        assert torch.equal(value, b["learner"][name]), name
+
+
+def test_max_minutes_stops_cleanly_with_a_checkpoint(synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--set", f"data.path={synthetic_dir}", "--set", f"run.out={out}"]
+    args += ["--set", "model.dim=8", "--set", "model.heads=2", "--set", "data.valid_users=30"]
+    assert main([*args, "--max-minutes", "0.00001"]) == 0  # past the budget after iteration 1
+    assert load_checkpoint(out / LAST)["iteration"] == 1
+    assert "--max-minutes 1e-05 reached" in capsys.readouterr().err
+    assert main([*args, "--max-minutes", "0"]) == 2
+    assert main([*args, "--workers", "2", "--max-minutes", "5"]) == 2
 
 
 def test_training_writes_checkpoints_and_improves(synthetic_dir, tmp_path):

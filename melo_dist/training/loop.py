@@ -5,14 +5,18 @@
         grads, loss = reduce(grads, loss)    # local: as is; Ray: averaged across workers
         run.apply(grads, loss)               # optimiser steps
         every run.validate_every: save(...)  # validate + checkpoint (Ray: rank 0, then report)
+        if stop(): save(...) and return      # in-process: Ctrl-C, SIGTERM, --max-minutes
 
 `train_local` is the in-process caller; `melo_dist.distributed.train` is the Ray one.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +46,10 @@ def train(
     save: Save,
     reduce: Reduce = as_is,
     log: Callable[[str], None] = log_to_stderr,
+    stop: Callable[[], bool] = lambda: False,
 ) -> None:
-    """Meta-train `run` until optim.iterations. `save(losses, seconds)` validates and writes a
+    """Meta-train `run` until optim.iterations, or until `stop()` says so after an iteration
+    (then its checkpoint is written first). `save(losses, seconds)` validates and writes a
     checkpoint (returning its record, or None on ranks that do not write); `seconds` is the
     training time since the last checkpoint, validation excluded."""
     total, log_every = run.config.optim.iterations, run.config.run.log_every
@@ -64,6 +70,51 @@ def train(
             log(f"iter {run.iteration}/{total} loss {np.mean(losses[-log_every:]):.4f}")
         if run.iteration >= total:
             return
+        if stop():
+            if losses:  # not just written at a checkpoint
+                record = save(losses, time.perf_counter() - started)
+                if record is not None:
+                    log(format_record(record, total))
+            return
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after writing the checkpoint of its last iteration."""
+
+    def __init__(self, signum: int, iteration: int, out: Path) -> None:
+        self.exit_code = 128 + signum
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} at iteration {iteration}, checkpoint "
+            f"written to {out}; run the same command again to resume"
+        )
+
+
+class StopRequest:
+    """Asks the loop to stop after the current iteration: on the first SIGINT or SIGTERM (a
+    second one aborts at once), or once `max_minutes` of wall time have passed."""
+
+    def __init__(self, max_minutes: float | None = None) -> None:
+        self.deadline = None if not max_minutes else time.monotonic() + 60 * max_minutes
+        self.signum: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signum is not None or (
+            self.deadline is not None and time.monotonic() >= self.deadline
+        )
+
+    @contextmanager
+    def signals(self) -> Iterator[None]:
+        def request(signum: int, frame) -> None:
+            if self.signum is not None:
+                raise KeyboardInterrupt  # asked twice: stop now
+            self.signum = signum
+
+        previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 def format_record(record: dict, total: int) -> str:
@@ -74,9 +125,12 @@ def format_record(record: dict, total: int) -> str:
     )
 
 
-def train_local(config: Config, log: Callable[[str], None] = log_to_stderr) -> dict:
+def train_local(
+    config: Config, log: Callable[[str], None] = log_to_stderr, max_minutes: float | None = None
+) -> dict:
     """Meta-train in this process into config.run.out (resuming the run there); returns the
-    best validation record."""
+    best validation record. SIGINT/SIGTERM (in the main thread) and `max_minutes` stop it after
+    the current iteration with its checkpoint written; a signal then raises `Interrupted`."""
     prepare_process(config.run.threads)
     data = load_dataset(config.data)
     run = TrainingRun(config, data)
@@ -88,10 +142,18 @@ def train_local(config: Config, log: Callable[[str], None] = log_to_stderr) -> d
         log(f"resuming {out} at iteration {run.iteration}")
     sampler = EpochSampler(data.train, data.spec, config.run.seed, config.meta.tasks_per_batch)
     out.mkdir(parents=True, exist_ok=True)
-    train(
-        run,
-        sampler.batches(run.iteration),
-        save=lambda losses, seconds: run.checkpoint(out, losses, seconds),
-        log=log,
-    )
+    stop = StopRequest(max_minutes)
+    main_thread = threading.current_thread() is threading.main_thread()
+    with stop.signals() if main_thread else nullcontext():
+        train(
+            run,
+            sampler.batches(run.iteration),
+            save=lambda losses, seconds: run.checkpoint(out, losses, seconds),
+            log=log,
+            stop=stop,
+        )
+    if stop.signum is not None:
+        raise Interrupted(stop.signum, run.iteration, out)
+    if run.iteration < config.optim.iterations:
+        log(f"stopped at iteration {run.iteration}: --max-minutes {max_minutes} reached")
     return best_record(out)
