@@ -114,12 +114,13 @@ def test_sigterm_checkpoints_the_current_iteration_and_the_run_resumes(synthetic
             sent.append(os.kill(os.getpid(), signal.SIGTERM))
 
     out = tmp_path / "stopped"
+    handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Interrupted, match="stopped by SIGTERM at iteration 4") as stopped:
         train_local(tiny_config(synthetic_dir, out, validate_every=3), log=terminate_at_iteration_4)
     assert stopped.value.exit_code == 128 + signal.SIGTERM
     assert load_checkpoint(out / LAST)["iteration"] == 4
     assert [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").open()] == [3, 4]
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is restored
+    assert signal.getsignal(signal.SIGTERM) == handler  # the process's handler is restored
     train_local(tiny_config(synthetic_dir, out, validate_every=3), log=lambda m: None)
     a, b = load_checkpoint(tmp_path / "straight" / LAST), load_checkpoint(out / LAST)
     for name, value in a["learner"].items():
