@@ -41,6 +41,24 @@ def rmse_by_steps(learner, batches, targets) -> list[float]:
     return [score(torch.cat(p).numpy(), targets)["rmse"] for p in per_step]
 
 
+def weights_by_rating(learner, batches) -> dict[float, float]:
+    """MELO's mean inner-loss weight per rating level over the support positions, relative to
+    the task's mean weight (1 = average; what the encoder up- or down-weights)."""
+    totals: dict[float, list[float]] = {}
+    with torch.no_grad():
+        for batch in batches:
+            weights = learner.weight_net(batch.support_ratings, batch.support_mask)
+            if weights is None:
+                return {}
+            mask = batch.support_mask
+            task_mean = (weights * mask).sum((-2, -1)) / mask.sum((-2, -1)).clamp(min=1)
+            relative = weights / task_mean[:, None, None].clamp(min=1e-12)
+            for level in batch.support_ratings[mask].unique().tolist():
+                chosen = mask & (batch.support_ratings == level)
+                totals.setdefault(level, []).append(relative[chosen])
+    return {level: float(torch.cat(parts).mean()) for level, parts in sorted(totals.items())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a checkpoint file or run folder (best.pt)")
@@ -57,6 +75,10 @@ def main() -> None:
     rmse = rmse_by_steps(learner, batches, collect_targets(batches))
     print(f"{args.checkpoint} (iteration {state['iteration']}), {args.split} users:")
     print("  RMSE after 0..J inner steps: " + " / ".join(f"{r:.4f}" for r in rmse))
+    weights = weights_by_rating(learner, batches)
+    if weights:
+        print("  inner-loss weight per support rating (relative to the task's mean):")
+        print("    " + "  ".join(f"r={level:g}: {w:.3f}" for level, w in weights.items()))
     print("  learned inner learning rates per step:")
     for key, rates in learner.inner_lrs.items():
         if key == "log_user_damping":  # [steps, groups]: the user bias, then the factors

@@ -74,16 +74,20 @@ def collect_targets(batches: list[TaskBatch]) -> Targets:
     )
 
 
-def score(pred: np.ndarray, targets: Targets) -> dict[str, float]:
-    """RMSE and MAE (per user, then over users), with the per-rating-class breakdown."""
+def user_errors(pred: np.ndarray, targets: Targets) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's mean squared and mean absolute error over its valid queries [U]."""
     error = np.where(targets.valid, pred - targets.rating, 0.0)
     count = targets.valid.sum(1)
-    user_mse = (error**2).sum(1) / count
-    user_mae = np.abs(error).sum(1) / count
+    return (error**2).sum(1) / count, np.abs(error).sum(1) / count
+
+
+def score(pred: np.ndarray, targets: Targets) -> dict[str, float]:
+    """RMSE and MAE (per user, then over users), with the per-rating-class breakdown."""
+    user_mse, user_mae = user_errors(pred, targets)
     metrics = {
         "rmse": float(np.sqrt(user_mse.mean())),
         "mae": float(user_mae.mean()),
-        "users": len(count),
+        "users": len(user_mse),
     }
     user_class = targets.rating[:, 0]  # all queries of a user end at the same target
     for level in np.unique(user_class):
@@ -93,19 +97,31 @@ def score(pred: np.ndarray, targets: Targets) -> dict[str, float]:
     return metrics
 
 
-def evaluate_learner(learner: torch.nn.Module, batches: list[TaskBatch], targets: Targets) -> dict:
-    """Score a learner (adapted to each task first, where it meta-learns) on `targets`."""
+def learner_predictions(learner: torch.nn.Module, batches: list[TaskBatch]) -> np.ndarray:
+    """[U, Q] predicted targets (adapted to each task first, where the learner meta-learns)."""
     was_training = learner.training
     learner.eval()
     try:
-        pred = torch.cat([learner.predict(batch).cpu() for batch in batches]).numpy()
+        return torch.cat([learner.predict(batch).cpu() for batch in batches]).numpy()
     finally:
         learner.train(was_training)
-    return score(pred, targets)
+
+
+def evaluate_learner(learner: torch.nn.Module, batches: list[TaskBatch], targets: Targets) -> dict:
+    """Score a learner (adapted to each task first, where it meta-learns) on `targets`."""
+    return score(learner_predictions(learner, batches), targets)
 
 
 def reference_points(train: TaskRows, targets: Targets, num_items: int) -> dict[str, dict]:
     """Scores of the reference predictors on the same targets."""
+    predictions = reference_predictions(train, targets, num_items)
+    return {name: score(pred, targets) for name, pred in predictions.items()}
+
+
+def reference_predictions(
+    train: TaskRows, targets: Targets, num_items: int
+) -> dict[str, np.ndarray]:
+    """Each reference predictor's predictions [U, Q] of the targets."""
     mu, item_bias = bias_statistics(train, num_items)
     item_count = np.bincount(train.items, minlength=num_items + 1)
     item_sum = np.bincount(train.items, weights=train.ratings, minlength=num_items + 1)
@@ -121,7 +137,7 @@ def reference_points(train: TaskRows, targets: Targets, num_items: int) -> dict[
     support_mean = np.where(
         targets.support_count > 0, targets.support_sum / np.maximum(targets.support_count, 1), mu
     )
-    predictions = {
+    return {
         "global mean": np.full(targets.rating.shape, mu),
         "item mean": item_mean[targets.item],
         "support mean": np.broadcast_to(support_mean[:, None], targets.rating.shape),
@@ -130,7 +146,6 @@ def reference_points(train: TaskRows, targets: Targets, num_items: int) -> dict[
         + item_bias[targets.item]
         + (design[targets.item] @ user[:, :, None])[..., 0],
     }
-    return {name: score(pred, targets) for name, pred in predictions.items()}
 
 
 def evaluate_checkpoints(

@@ -1,0 +1,98 @@
+"""Paired comparison on the same test users: is A's RMSE below B's beyond the noise of users?
+
+    .venv/bin/python results/paired.py \
+        --a runs/study/ml1m-subset/melo-sasrec-s0 runs/study/ml1m-subset/melo-sasrec-s1 ... \
+        --b runs/study/ml1m-subset/maml-sasrec-s0 ...      # or --b "factor model"
+
+Each side is one or more checkpoints (e.g. its seeds; their per-user squared errors are
+averaged, so seed noise shrinks too) or a reference point by name. Both are scored on the same
+targets; the users are resampled (bootstrap, seeded) to give a 95 % interval of
+RMSE(A) - RMSE(B), overall and on the rare rating classes. A difference whose interval
+excludes 0 is one the test users support.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from melo_dist.config import Config
+from melo_dist.data.dataset import load_dataset
+from melo_dist.meta import build_learner
+from melo_dist.training.checkpoint import load_checkpoint
+from melo_dist.training.evaluation import (
+    collect_targets,
+    eval_batches,
+    learner_predictions,
+    reference_predictions,
+    user_errors,
+)
+
+RESAMPLES = 2000
+
+
+def user_mse(side: list[str], data, batches, targets) -> np.ndarray:
+    """Per-user MSE [U] of a reference point, or of checkpoints averaged over them."""
+    if len(side) == 1 and not Path(side[0]).exists():
+        references = reference_predictions(data.train, targets, data.num_items)
+        if side[0] not in references:
+            raise SystemExit(f"{side[0]!r} is neither a checkpoint nor one of {sorted(references)}")
+        return user_errors(references[side[0]], targets)[0]
+    errors = []
+    for path in side:
+        state = load_checkpoint(path)
+        learner = build_learner(
+            Config.from_dict(state["config"]), state["num_items"], state["rating_levels"]
+        )
+        learner.load_state_dict(state["learner"])
+        errors.append(user_errors(learner_predictions(learner, batches), targets)[0])
+    return np.mean(errors, axis=0)
+
+
+def interval(a: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> tuple[float, ...]:
+    """RMSE(A) - RMSE(B) over these users, and its bootstrap 2.5 and 97.5 percentiles."""
+    picks = rng.integers(0, len(a), (RESAMPLES, len(a)))
+    diffs = np.sqrt(a[picks].mean(1)) - np.sqrt(b[picks].mean(1))
+    return float(np.sqrt(a.mean()) - np.sqrt(b.mean())), *np.percentile(diffs, [2.5, 97.5])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--a", nargs="+", required=True, help="checkpoints, or a reference name")
+    parser.add_argument("--b", nargs="+", required=True, help="checkpoints, or a reference name")
+    parser.add_argument("--split", default="test", choices=("valid", "test"))
+    args = parser.parse_args()
+    first = next((p for p in args.a + args.b if Path(p).exists()), None)
+    if first is None:
+        raise SystemExit("at least one side must be checkpoints (they name the dataset)")
+    config = Config.from_dict(load_checkpoint(first)["config"])
+    config.data.valid_users, config.data.valid_targets = 0, 1
+    data = load_dataset(config.data)
+    rows = data.valid if args.split == "valid" else data.split(args.split)
+    batches = list(eval_batches(rows, data.spec, config.data.eval_seed))
+    targets = collect_targets(batches)
+    a, b = (user_mse(side, data, batches, targets) for side in (args.a, args.b))
+    rng = np.random.default_rng(0)
+    classes = targets.rating[:, 0]  # every query of a user ends at the same target
+    print(f"{args.split} users: {len(a)}; A = {' '.join(args.a)}; B = {' '.join(args.b)}")
+    print("users            RMSE A   RMSE B   A - B    95 % interval")
+    for name, chosen in [
+        ("all", classes > 0),
+        ("rating 1", classes == 1),
+        ("rating 2", classes == 2),
+    ]:
+        diff, low, high = interval(a[chosen], b[chosen], rng)
+        rmse_a, rmse_b = np.sqrt(a[chosen].mean()), np.sqrt(b[chosen].mean())
+        print(
+            f"{name:<8} {chosen.sum():>5}  {rmse_a:7.4f}  {rmse_b:7.4f}  {diff:+.4f}  "
+            f"[{low:+.4f}, {high:+.4f}]"
+        )
+
+
+if __name__ == "__main__":
+    main()
