@@ -21,6 +21,7 @@ ADAPT = ("all", "no_embeddings", "head")
 HEADS = ("reference", "bias")
 QUERY_LOSSES = ("last", "all")
 USER_STEPS = ("gradient", "newton")
+OUTER_LOSSES = ("mse", "class_balanced")
 # Every numeric setting's lower bound: (key, bound, whether the bound itself is allowed).
 LOWER_BOUNDS = [
     ("data.window", 3, True),
@@ -101,6 +102,8 @@ class MetaConfig:
     user_damping: float = 1.0  # newton: initial damping (learned), the user bias's and factors'
     adapt: str = "all"  # all | no_embeddings | head
     query_loss: str = "last"  # outer loss on each query's target (last) or every position (all)
+    outer_loss: str = "mse"  # mse | class_balanced: each target weighted 1 / (K * its level's
+    # share of the training ratings), so every rating level weighs the same in the outer loss
     tasks_per_batch: int = 16  # the meta-batch (global, across workers)
     multi_step_iterations: int = 1000  # MAML++ multi-step loss for the first N iterations
 
@@ -148,6 +151,7 @@ class Config:
             ("model.head", self.model.head in HEADS, f"one of {HEADS}"),
             ("meta.query_loss", self.meta.query_loss in QUERY_LOSSES, f"one of {QUERY_LOSSES}"),
             ("meta.user_step", self.meta.user_step in USER_STEPS, f"one of {USER_STEPS}"),
+            ("meta.outer_loss", self.meta.outer_loss in OUTER_LOSSES, f"one of {OUTER_LOSSES}"),
             (
                 "model.encoder_output",
                 self.model.encoder_output in ("abs", "softmax"),

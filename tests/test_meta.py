@@ -109,6 +109,29 @@ def test_batched_meta_step_matches_per_task_loop_when_part_adapts(backbone, adap
     assert_same(grads, oracle_grads)
 
 
+@pytest.mark.parametrize("query_loss", ["last", "all"])
+@pytest.mark.parametrize("regime", ["maml", "melo"])
+def test_batched_meta_step_matches_per_task_loop_class_balanced_outer_loss(regime, query_loss):
+    config = small_config("sasrec", regime, inner_steps=2, multi_step_iterations=10)
+    config.meta.outer_loss, config.meta.query_loss = "class_balanced", query_loss
+    learner = learner_for(config)
+    learner.outer_weights.copy_(torch.tensor([4.0, 2.0, 1.0, 0.5, 0.25]))
+    batch = small_batch()
+    loss, grads = meta_step(learner, batch, 3)
+    oracle_loss, oracle_grads = reference_meta_step(learner, batch, 3)
+    assert torch.allclose(loss, oracle_loss, rtol=1e-10)
+    assert_same(grads, oracle_grads)
+    learner.outer_weights.fill_(1.0)  # all weights 1: the plain outer loss
+    config.meta.outer_loss = "mse"
+    plain = learner_for(config)
+    plain.load_state_dict(
+        {k: v for k, v in learner.state_dict().items() if "outer" not in k and k != "levels"}
+    )
+    assert torch.allclose(
+        meta_step(learner, batch, 3)[0], meta_step(plain, batch, 3)[0], rtol=1e-12
+    )
+
+
 @pytest.mark.parametrize("iteration", [3, 12], ids=["multi-step", "past-multi-step"])
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_batched_meta_step_matches_per_task_loop_softmax_encoder(backbone, iteration):

@@ -28,7 +28,7 @@ from melo_dist.training.evaluation import (
     score,
 )
 from melo_dist.training.loop import Interrupted, train, train_local
-from melo_dist.training.run import TrainingRun
+from melo_dist.training.run import TrainingRun, class_balanced_weights
 
 
 class Crash(Exception):
@@ -136,6 +136,18 @@ def test_max_minutes_stops_cleanly_with_a_checkpoint(synthetic_dir, tmp_path, ca
     assert "--max-minutes 1e-05 reached" in capsys.readouterr().err
     assert main([*args, "--max-minutes", "0"]) == 2
     assert main([*args, "--workers", "2", "--max-minutes", "5"]) == 2
+
+
+def test_class_balanced_outer_weights_give_every_level_the_same_total(synthetic_dir):
+    data = load_dataset(load_config(None, [f"data.path={synthetic_dir}"]).data)
+    weights = class_balanced_weights(data)
+    ratings = torch.from_numpy(data.train.ratings)
+    per_rating = weights[torch.searchsorted(torch.tensor(data.levels), ratings)]
+    assert float(per_rating.mean()) == pytest.approx(1.0, rel=1e-5)
+    totals = [float(per_rating[ratings == level].sum()) for level in data.levels]
+    assert max(totals) == pytest.approx(min(totals), rel=1e-4)  # each level weighs the same
+    config = tiny_config(synthetic_dir, "unused", outer_loss="class_balanced")
+    assert torch.equal(TrainingRun(config, data).learner.outer_weights, weights)
 
 
 def test_training_writes_checkpoints_and_improves(synthetic_dir, tmp_path):

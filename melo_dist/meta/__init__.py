@@ -25,4 +25,4 @@ def build_learner(config: Config, num_items: int, levels: list[float]) -> nn.Mod
     weighting = build_weighting(
         config.meta.regime, levels, model.encoder_embed, model.encoder_hidden, model.encoder_output
     )
-    return MetaLearner(backbone, weighting, config.meta, scale)
+    return MetaLearner(backbone, weighting, config.meta, scale, levels)

@@ -32,7 +32,7 @@ from torch.func import functional_call, vmap
 
 from melo_dist.config import MetaConfig
 from melo_dist.data.tasks import TaskBatch
-from melo_dist.meta.weighting import InnerWeighting
+from melo_dist.meta.weighting import InnerWeighting, rating_levels_index
 from melo_dist.models import EMBEDDING_PREFIXES, ITEM_TABLES, USER_PARAMETERS
 from melo_dist.models.heads import user_regressors
 
@@ -54,9 +54,16 @@ def weighted_loss(
     return terms.sum(WINDOW_DIMS) / count
 
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[..., W, L] -> [...]: mean squared error over a task's masked positions."""
+def masked_mse(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[..., W, L] -> [...]: (weighted) mean squared error over a task's masked positions."""
     se = (pred - target) ** 2 * mask
+    if weights is not None:
+        se = weights * se
     return se.sum(WINDOW_DIMS) / mask.sum(WINDOW_DIMS).clamp(min=1)
 
 
@@ -126,7 +133,12 @@ class MetaLearner(nn.Module):
     and how the outer loop uses them (first or second order, the multi-step phase)."""
 
     def __init__(
-        self, backbone: nn.Module, weight_net: InnerWeighting, meta: MetaConfig, scale: float
+        self,
+        backbone: nn.Module,
+        weight_net: InnerWeighting,
+        meta: MetaConfig,
+        scale: float,
+        levels: list[float] | None = None,
     ) -> None:
         super().__init__()
         self.backbone, self.weight_net = backbone, weight_net
@@ -146,6 +158,9 @@ class MetaLearner(nn.Module):
             }
         )
         self.scale = scale  # predictions are compared with rating / scale
+        if meta.outer_loss == "class_balanced":  # per rating level; set from the training data
+            self.register_buffer("levels", torch.tensor(levels, dtype=torch.float32))
+            self.register_buffer("outer_weights", torch.ones(len(levels)))
         # meta.user_step=newton: the user bias and factors step along the damped Newton
         # direction; the damping (log, per step, bias then factors) is learned with the lrs.
         self.user_params = [n for n in USER_PARAMETERS if n in self.adapted]
@@ -158,6 +173,15 @@ class MetaLearner(nn.Module):
 
     def loss(self, batch: TaskBatch, iteration: int) -> torch.Tensor:
         return meta_loss(self, batch, iteration)
+
+    def target_weights(self, ratings: torch.Tensor) -> torch.Tensor | None:
+        """meta.outer_loss=class_balanced: each query position's weight, by its rating level."""
+        if not hasattr(self, "outer_weights"):
+            return None
+        per_level = torch.cat([self.outer_weights.new_zeros(1), self.outer_weights])
+        return per_level[rating_levels_index(ratings, self.levels.to(ratings.dtype))].to(
+            ratings.dtype
+        )
 
     def predict(self, batch: TaskBatch) -> torch.Tensor:
         return predict_targets(self, batch)
@@ -280,12 +304,13 @@ def meta_loss(learner: MetaLearner, batch: TaskBatch, iteration: int) -> torch.T
     importance = step_importance(learner.steps, iteration, learner.multi_step_iterations)
     target = batch.query_ratings / learner.scale
     scored = last_position(batch.query_mask) if learner.query_loss == "last" else batch.query_mask
+    weights = learner.target_weights(batch.query_ratings)
     predict = learner.predictor(trajectory[0], batch.query_items)
     loss = batch.query_ratings.new_zeros(())
     for fast, weight in zip(trajectory, importance):
         if weight > 0:
             pred = predict(fast)
-            loss = loss + weight * masked_mse(pred, target, scored).mean()
+            loss = loss + weight * masked_mse(pred, target, scored, weights).mean()
     return loss
 
 

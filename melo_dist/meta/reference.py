@@ -65,6 +65,9 @@ def reference_meta_loss(learner: MetaLearner, batch: TaskBatch, iteration: int) 
                 if learner.query_loss == "last":  # each query's target only
                     q_mask = q_mask & (torch.arange(q_mask.shape[-1]) == q_mask.shape[-1] - 1)
                 q_se = (q_pred - batch.query_ratings[b] / scale) ** 2
+                weights = learner.target_weights(batch.query_ratings[b])
+                if weights is not None:
+                    q_se = weights * q_se
                 task_loss = task_loss + importance[step] * q_se[q_mask].mean()
         losses.append(task_loss)
     return torch.stack(losses).mean()

@@ -45,6 +45,8 @@ class TrainingRun:
             init_bias_head(self.learner, data, config.model.user_factors)
         if config.run.init_from:
             init_embeddings(self.learner, config.run.init_from)
+        if hasattr(self.learner, "outer_weights"):
+            self.learner.outer_weights.copy_(class_balanced_weights(data))
         self.learner.to(self.device)
         optim = config.optim
         self.params = {
@@ -155,6 +157,15 @@ class TrainingRun:
         for key, scheduler in self.schedulers.items():
             scheduler.load_state_dict(state["schedulers"][key])
         self.iteration, self.best_rmse = state["iteration"], state["best_rmse"]
+
+
+def class_balanced_weights(data: Dataset) -> torch.Tensor:
+    """1 / (K * share) per rating level, from the training users' ratings: every level weighs
+    the same, and the mean weight over the training ratings is 1."""
+    ratings = torch.from_numpy(data.train.ratings)
+    counts = torch.stack([(ratings == level).sum() for level in data.levels]).double()
+    share = counts / counts.sum()
+    return (1 / (len(share) * share.clamp(min=1e-12))).float()
 
 
 def init_bias_head(learner: torch.nn.Module, data: Dataset, factors: int) -> None:
