@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from melo_dist.config import Config
 from melo_dist.data.dataset import load_dataset
-from melo_dist.meta import build_learner
+from melo_dist.meta import learner_from_state
 from melo_dist.training.checkpoint import load_checkpoint
 from melo_dist.training.evaluation import collect_targets, eval_batches, score
 
@@ -68,8 +68,7 @@ def main() -> None:
     state = load_checkpoint(args.checkpoint)
     config = Config.from_dict(state["config"])
     data = load_dataset(config.data)
-    learner = build_learner(config, state["num_items"], state["rating_levels"])
-    learner.load_state_dict(state["learner"])
+    learner = learner_from_state(state)
     rows = data.split(args.split)
     batches = list(eval_batches(rows, data.spec, config.data.eval_seed))
     rmse = rmse_by_steps(learner, batches, collect_targets(batches))

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from melo_dist.config import Config
 from melo_dist.data.dataset import load_dataset
-from melo_dist.meta import build_learner
+from melo_dist.meta import learner_from_state
 from melo_dist.training.checkpoint import load_checkpoint
 from melo_dist.training.evaluation import (
     collect_targets,
@@ -45,11 +45,7 @@ def user_mse(side: list[str], data, batches, targets) -> np.ndarray:
         return user_errors(references[side[0]], targets)[0]
     errors = []
     for path in side:
-        state = load_checkpoint(path)
-        learner = build_learner(
-            Config.from_dict(state["config"]), state["num_items"], state["rating_levels"]
-        )
-        learner.load_state_dict(state["learner"])
+        learner = learner_from_state(load_checkpoint(path))
         errors.append(user_errors(learner_predictions(learner, batches), targets)[0])
     return np.mean(errors, axis=0)
 

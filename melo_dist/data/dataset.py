@@ -37,6 +37,11 @@ class Dataset:
         return self.manifest["rating_levels"]
 
 
+def window_spec(config: DataConfig) -> WindowSpec:
+    """The task windows data.window / support / query describe."""
+    return WindowSpec(config.window, config.support, config.query)
+
+
 def load_dataset(config: DataConfig) -> Dataset:
     """The dataset of `data.path`; a missing or foreign folder is an error naming it."""
     path = Path(config.path)
@@ -45,4 +50,4 @@ def load_dataset(config: DataConfig) -> Dataset:
     if config.valid_users and len(valid) > config.valid_users:
         valid = valid.take(np.arange(config.valid_users))
     valid = valid.with_earlier_targets(config.valid_targets)
-    return Dataset(path, manifest, WindowSpec(config.window, config.support, config.query), valid)
+    return Dataset(path, manifest, window_spec(config), valid)

@@ -111,11 +111,13 @@ def score_users(
     histories = [(r["items"], r["ratings"]) for r in records]
     users = model.adapt_many(histories, [r["user_id"] for r in records])
     if top_k:
-        catalogue = np.array(model.catalogue, dtype=object)
-        scores = users.predict([catalogue] * len(records), chunk)
+        catalogue = np.array(model.catalogue, dtype=object)  # item id i is catalogue[i - 1]
+        everything = np.arange(1, len(catalogue) + 1)
+        scores = users.predict_ids([everything] * len(records), chunk)
         candidates = []
         for record, score in zip(records, scores):
-            score[np.isin(catalogue, record["items"])] = -np.inf  # rated already
+            rated = np.asarray(model.item_ids(record["items"], f"history of {record['user_id']}"))
+            score[rated - 1] = -np.inf
             best = np.argsort(-score, kind="stable")[:top_k]
             candidates.append((catalogue[best], score[best]))
     else:

@@ -26,11 +26,11 @@ import pyarrow.parquet as pq
 import torch
 
 from melo_dist.config import Config
-from melo_dist.data.dataset import load_dataset
+from melo_dist.data.dataset import window_spec
 from melo_dist.data.tasks import TaskRows, sample_tasks
 from melo_dist.errors import InputError
-from melo_dist.meta import MetaLearner, build_learner
-from melo_dist.training.checkpoint import load_checkpoint, manifest_hash
+from melo_dist.meta import MetaLearner, learner_from_state
+from melo_dist.training.checkpoint import checkpoint_path, load_checkpoint, manifest_hash
 
 
 @dataclass
@@ -54,6 +54,10 @@ class AdaptedUsers:
             self.model.item_ids(items, f"candidates of user {u}")
             for u, items in enumerate(candidates)
         ]
+        return self.predict_ids(ids, chunk)
+
+    def predict_ids(self, ids: Sequence[Sequence[int]], chunk: int = 1024) -> list[np.ndarray]:
+        """`predict` for candidates given as the model's item ids (1..n: the catalogue's order)."""
         width = max(len(c) for c in ids)
         query = torch.zeros(len(self), width, self.context.shape[1] + 1, dtype=torch.long)
         query[..., :-1] = self.context[:, None, :]
@@ -83,11 +87,11 @@ class AdaptedUser:
 class ColdStartModel:
     """A trained checkpoint with the item map of the dataset it was trained on."""
 
-    def __init__(self, state: dict, data_path: Path) -> None:
+    def __init__(self, state: dict, data_path: Path, path: Path) -> None:
+        self.path, self.iteration = path, state["iteration"]  # the checkpoint file it came from
         self.config = Config.from_dict(state["config"])
         self.config.data.path = str(data_path)
-        self.learner = build_learner(self.config, state["num_items"], state["rating_levels"])
-        self.learner.load_state_dict(state["learner"])
+        self.learner = learner_from_state(state)
         self.learner.eval()
         self.levels = [float(level) for level in state["rating_levels"]]
         self.scale = self.learner.scale
@@ -97,13 +101,14 @@ class ColdStartModel:
             zip(table.column("item_id").to_pylist(), table.column("item").to_pylist())
         )
         self.catalogue = sorted(self.item_index, key=self.item_index.get)  # original ids
-        self.spec = load_dataset(self.config.data).spec
+        self.spec = window_spec(self.config.data)
 
     @classmethod
     def load(cls, checkpoint: str | Path, data: str | Path | None = None) -> ColdStartModel:
         """A checkpoint file or run folder (best.pt); `data` is the prepared dataset it was
         trained on (default: the one named in its config), checked by its manifest hash."""
-        state = load_checkpoint(checkpoint)
+        path = checkpoint_path(checkpoint)
+        state = load_checkpoint(path)
         data_path = Path(data if data is not None else state["config"]["data"]["path"])
         if not (data_path / "manifest.json").is_file():
             raise InputError(
@@ -113,7 +118,7 @@ class ColdStartModel:
             )
         if manifest_hash(data_path) != state["manifest_sha256"]:
             raise InputError("is not the dataset this checkpoint was trained on", path=data_path)
-        return cls(state, data_path)
+        return cls(state, data_path, path)
 
     def item_ids(self, items: Sequence, where: str) -> list[int]:
         """Original item ids -> the model's ids; an unknown one is an error naming its position."""

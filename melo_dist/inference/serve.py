@@ -28,25 +28,17 @@ from starlette.responses import JSONResponse
 
 from melo_dist.errors import InputError
 from melo_dist.inference.model import ColdStartModel
-from melo_dist.training.checkpoint import BEST, LAST
 
 MAX_BODY_BYTES = 1_000_000
 MAX_HISTORY = 1_000  # ratings; only the last data.window - 1 are used
 MAX_CANDIDATES = 10_000
 
 
-def checkpoint_file(path: str | Path) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        return path / BEST if (path / BEST).exists() else path / LAST
-    return path
-
-
-def model_version(path: Path, model: ColdStartModel, iteration: int) -> dict:
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+def model_version(model: ColdStartModel) -> dict:
+    digest = hashlib.sha256(model.path.read_bytes()).hexdigest()[:16]
     return {
         "checkpoint_sha256": digest,
-        "iteration": iteration,
+        "iteration": model.iteration,
         "regime": model.config.meta.regime,
         "backbone": model.config.model.backbone,
     }
@@ -94,9 +86,7 @@ class ColdStartService:
 
         torch.set_num_threads(threads)
         self.model = ColdStartModel.load(checkpoint, data)
-        path = checkpoint_file(checkpoint)
-        iteration = int(torch.load(path, map_location="cpu", weights_only=True)["iteration"])
-        self.version = model_version(path, self.model, iteration)
+        self.version = model_version(self.model)
         self.predict_batch.set_max_batch_size(max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)
 

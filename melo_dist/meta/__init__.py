@@ -11,7 +11,7 @@ from melo_dist.meta.melo import MetaLearner, meta_step
 from melo_dist.meta.weighting import build_weighting
 from melo_dist.models import build_backbone
 
-__all__ = ["BasicLearner", "MetaLearner", "build_learner", "meta_step"]
+__all__ = ["BasicLearner", "MetaLearner", "build_learner", "learner_from_state", "meta_step"]
 
 
 def build_learner(config: Config, num_items: int, levels: list[float]) -> nn.Module:
@@ -26,3 +26,12 @@ def build_learner(config: Config, num_items: int, levels: list[float]) -> nn.Mod
         config.meta.regime, levels, model.encoder_embed, model.encoder_hidden, model.encoder_output
     )
     return MetaLearner(backbone, weighting, config.meta, scale, levels)
+
+
+def learner_from_state(state: dict) -> nn.Module:
+    """The learner a checkpoint's state (`training.checkpoint.load_checkpoint`) holds."""
+    learner = build_learner(
+        Config.from_dict(state["config"]), state["num_items"], state["rating_levels"]
+    )
+    learner.load_state_dict(state["learner"])
+    return learner

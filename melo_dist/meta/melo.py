@@ -163,9 +163,8 @@ class MetaLearner(nn.Module):
             self.register_buffer("outer_weights", torch.ones(len(levels)))
         # meta.user_step=newton: the user bias and factors step along the damped Newton
         # direction; the damping (log, per step, bias then factors) is learned with the lrs.
-        self.user_params = [n for n in USER_PARAMETERS if n in self.adapted]
-        if meta.user_step == "gradient":
-            self.user_params = []
+        newton = meta.user_step == "newton"
+        self.user_params = [n for n in USER_PARAMETERS if newton and n in self.adapted]
         if self.user_params:  # one damping for the bias, one for the factors
             self.inner_lrs["log_user_damping"] = nn.Parameter(
                 torch.full((meta.inner_steps, len(self.user_params)), math.log(meta.user_damping))

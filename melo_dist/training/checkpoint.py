@@ -57,11 +57,17 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     write_atomically(path, lambda stream: torch.save(state, stream))
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def checkpoint_path(path: str | Path) -> Path:
     """A checkpoint file, or a run folder's best.pt (last.pt before the first improvement)."""
     path = Path(path)
     if path.is_dir():
-        path = path / BEST if (path / BEST).exists() else path / LAST
+        return path / BEST if (path / BEST).exists() else path / LAST
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """The state of a checkpoint file or run folder (`checkpoint_path`)."""
+    path = checkpoint_path(path)
     if not path.is_file():
         raise InputError("checkpoint not found", path=path)
     try:

@@ -29,7 +29,7 @@ from melo_dist.config import Config
 from melo_dist.data.dataset import load_dataset
 from melo_dist.data.tasks import TaskBatch, TaskRows, WindowSpec, sample_tasks
 from melo_dist.errors import InputError
-from melo_dist.meta import build_learner
+from melo_dist.meta import learner_from_state
 from melo_dist.training.baselines import USER_SHRINK, bias_statistics, factor_fold_in
 from melo_dist.training.checkpoint import load_checkpoint, manifest_hash
 
@@ -126,13 +126,11 @@ def reference_predictions(
     item_count = np.bincount(train.items, minlength=num_items + 1)
     item_sum = np.bincount(train.items, weights=train.ratings, minlength=num_items + 1)
     item_mean = np.where(item_count > 0, item_sum / np.maximum(item_count, 1), mu)
-    user_bias = np.array(
-        [
-            (ratings - mu - item_bias[items]).sum() / (USER_SHRINK + len(ratings))
-            for items, ratings in zip(targets.support_items, targets.support_ratings)
-        ]
-    )
     support = list(zip(targets.support_items, targets.support_ratings))
+    users = np.repeat(np.arange(len(support)), targets.support_count.astype(np.int64))
+    items = np.concatenate(targets.support_items).astype(np.int64)
+    residual = np.concatenate(targets.support_ratings) - mu - item_bias[items]
+    user_bias = np.bincount(users, residual, len(support)) / (USER_SHRINK + targets.support_count)
     design, user = factor_fold_in(train, num_items, support)
     support_mean = np.where(
         targets.support_count > 0, targets.support_sum / np.maximum(targets.support_count, 1), mu
@@ -166,8 +164,7 @@ def evaluate_checkpoints(
         run_config = Config.from_dict(state["config"])
         if state["manifest_sha256"] != manifest_hash(config.data.path):
             raise InputError(f"trained on a different dataset than {config.data.path}", path=path)
-        learner = build_learner(run_config, state["num_items"], state["rating_levels"])
-        learner.load_state_dict(state["learner"])
+        learner = learner_from_state(state)
         name = f"{run_config.meta.regime} {run_config.model.backbone} ({Path(path).name})"
         results[name] = {
             **evaluate_learner(learner, batches, targets),
