@@ -9,7 +9,13 @@ from melo_dist.config import BACKBONES, Config
 from melo_dist.data.synthetic import random_task_rows
 from melo_dist.data.tasks import TaskBatch, WindowSpec, sample_tasks
 from melo_dist.meta import build_learner
-from melo_dist.meta.melo import lr_key, meta_step, predict_targets, step_importance
+from melo_dist.meta.melo import (
+    lr_key,
+    meta_step,
+    predict_targets,
+    step_importance,
+    window_groups,
+)
 from melo_dist.meta.reference import reference_meta_step
 from melo_dist.meta.weighting import ClassBalanced, InnerWeighting
 
@@ -31,8 +37,10 @@ def small_config(backbone: str, regime: str, head: str = "bias", **meta) -> Conf
     return config.validate()
 
 
-def small_batch(tasks: int = 3, seed: int = 0, dtype=torch.float64) -> TaskBatch:
-    rows = random_task_rows(tasks, ITEMS, (4, 14), seed)
+def small_batch(
+    tasks: int = 3, seed: int = 0, dtype=torch.float64, lengths: tuple[int, int] = (4, 14)
+) -> TaskBatch:
+    rows = random_task_rows(tasks, ITEMS, lengths, seed)
     batch = sample_tasks(rows, WindowSpec(length=8, support=4, query=2), seed=seed, train=True)
     return TaskBatch(
         batch.support_items,
@@ -93,6 +101,38 @@ def test_batched_meta_step_matches_per_task_loop(
     assert torch.allclose(loss, oracle_loss, rtol=1e-10)
     assert_same(grads, oracle_grads)
     assert any(g.abs().sum() > 0 for n, g in grads.items() if n.startswith("inner_lrs."))
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_batched_meta_step_matches_per_task_loop_on_short_histories(backbone, first_order):
+    # histories of 3-5 interactions in windows of 8: every window group drops padding columns,
+    # which the recurrent backbones replace by the state reading them would have left
+    config = small_config(backbone, "melo", "reference", inner_steps=2, first_order=first_order)
+    learner = learner_for(config)
+    batch = small_batch(tasks=4, lengths=(3, 5))
+    groups = window_groups(batch.support_items, learner.backbone.window_groups)
+    assert all(skipped >= 3 for _, skipped in groups)
+    loss, grads = meta_step(learner, batch, 3)
+    oracle_loss, oracle_grads = reference_meta_step(learner, batch, 3)
+    assert torch.allclose(loss, oracle_loss, rtol=1e-10)
+    assert_same(grads, oracle_grads)
+
+
+def test_window_groups_split_neighbours_and_keep_their_common_padding():
+    lengths = torch.tensor([[0, 2, 3, 6], [1, 2, 5, 8]])  # [tasks, windows], sorted per task
+    items = (torch.arange(8) >= 8 - lengths[..., None]).long()  # left-padded, length 8
+    assert window_groups(items, 2) == [(slice(0, 2), 6), (slice(2, 4), 0)]
+    assert window_groups(items, 1) == [(slice(0, 4), 0)]
+    assert window_groups(items[:, :1], 4) == [(slice(0, 1), 7)]  # one column at least
+
+
+def test_sampled_windows_are_ordered_shortest_first():
+    batch = small_batch(tasks=6)
+    for mask in (batch.support_mask, batch.query_mask):
+        lengths = mask.sum(-1)
+        assert (lengths[:, 1:] >= lengths[:, :-1]).all()
+        assert len(set(lengths.flatten().tolist())) > 2
 
 
 @pytest.mark.parametrize("adapt", ["head", "no_embeddings"])

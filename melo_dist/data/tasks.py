@@ -196,12 +196,22 @@ def sample_tasks(
     support_end = pair_end[chosen]
 
     s_items, s_ratings, s_mask = gather_windows(
-        rows, window_start, support_end, support_len, support_ok, L
+        rows, window_start, *by_length(support_end, support_len, support_ok), L
     )
     q_items, q_ratings, q_mask = gather_windows(
-        rows, window_start, query_end, query_len, query_ok, L
+        rows, window_start, *by_length(query_end, query_len, query_ok), L
     )
     return TaskBatch(s_items, s_ratings, s_mask, q_items, q_ratings, q_mask)
+
+
+def by_length(
+    end: np.ndarray, length: np.ndarray, valid: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each task's windows [B, W] ordered shortest first (empty slots first): the meta-learner
+    runs neighbouring windows together without their common padding. Losses sum over windows,
+    so the order changes no result."""
+    order = np.argsort(np.where(valid, length, 0), axis=1, kind="stable")
+    return tuple(np.take_along_axis(a, order, axis=1) for a in (end, length, valid))
 
 
 def gather_windows(

@@ -23,6 +23,7 @@ plain per-task loop, and the tests hold the two equal.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -100,6 +101,29 @@ def step_importance(steps: int, iteration: int, multi_step_iterations: int) -> l
     early = [max(1.0 / steps - decay, floor)] * (steps - 1)
     last = min(1.0 / steps + decay * (steps - 1), 1.0 - (steps - 1) * floor)
     return [*early, last]
+
+
+def window_groups(items: torch.Tensor, groups: int) -> list[tuple[slice, int]]:
+    """Split the windows [B, W, L] into at most `groups` runs of neighbouring windows, each
+    with the number of left-padding columns all its windows share in every task. Sampling
+    orders each task's windows by length, so neighbours are alike."""
+    longest = (items > 0).sum(-1).amax(0).tolist()  # [W] over tasks
+    bounds = torch.linspace(0, len(longest), min(groups, len(longest)) + 1).round().int().tolist()
+    length = items.shape[-1]
+    return [
+        (slice(start, end), length - max(1, *longest[start:end]))
+        for start, end in itertools.pairwise(bounds)
+        if end > start
+    ]
+
+
+def pad_left(tensor: torch.Tensor, columns: int, dim: int) -> torch.Tensor:
+    """Zeros prepended along `dim` (the time axis) in place of dropped padding columns."""
+    if not columns:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = columns
+    return torch.cat([tensor.new_zeros(shape), tensor], dim)
 
 
 # -- 1. the meta-learned state ----------------------------------------------------------
@@ -204,14 +228,25 @@ class MetaLearner(nn.Module):
         head: bool = True,
     ) -> torch.Tensor:
         """Per-task predictions [B, W, L] (or features, `head=False`; or the head alone on
-        `features`): `fast` holds the [B, ...] per-task parameters."""
+        `features`): `fast` holds the [B, ...] per-task parameters. Windows run in groups of
+        neighbours, each without the left padding all its windows share (exact: see
+        `SequenceRegressor`); the outputs are padded back to L."""
         params = {**dict(self.backbone.named_parameters()), **fast}
         param_dims = {name: 0 if name in fast else None for name in params}
-        return vmap(
-            lambda p, x, f: functional_call(self.backbone, p, (x,), {"features": f, "head": head}),
-            in_dims=(param_dims, 0, None if features is None else 0),
-            randomness="different",
-        )(params, items, features)
+        outputs = []
+        for group, skipped in window_groups(items, self.backbone.window_groups):
+            run = vmap(
+                lambda p, x, f, skipped=skipped: functional_call(
+                    self.backbone, p, (x,), {"features": f, "head": head, "skipped": skipped}
+                ),
+                in_dims=(param_dims, 0, None if features is None else 0),
+                randomness="different",
+            )
+            part = None if features is None else features[:, group, skipped:]
+            out = run(params, items[:, group, skipped:], part)
+            time_dim = out.dim() - (1 if head else 2)
+            outputs.append(pad_left(out, skipped, time_dim))
+        return torch.cat(outputs, dim=1)
 
     def predictor(self, fast: Params, items: torch.Tensor) -> Callable[[Params], torch.Tensor]:
         """The predictions of windows `items` as a function of the per-task parameters."""

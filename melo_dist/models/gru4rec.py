@@ -22,7 +22,7 @@ class GRU4Rec(SequenceRegressor):
         self.gru = GRU(config.dim, config.dim, num_layers=config.gru_layers)
         self.head = build_head(config, config.dim, num_items)
 
-    def features(self, item_seq: torch.Tensor) -> torch.Tensor:
+    def features(self, item_seq: torch.Tensor, skipped: int = 0) -> torch.Tensor:
         """[..., L] item ids (0 = padding) -> [..., L, D] GRU states."""
         x = F.dropout(embed_items(self.item_embedding, item_seq), self.dropout, self.training)
-        return self.gru(x)
+        return self.gru(x, skipped)

@@ -83,18 +83,28 @@ class SequenceRegressor(nn.Module):
     """What every backbone shares: `features(item_seq)` [..., L, F] read from the sequence, then
     the rating head. `forward(item_seq)` -> rating / scale [..., L]. `torch.func` calls only
     `forward`, so it also runs the two halves apart: `head=False` returns the features, and
-    `features=f` runs only the head on features computed before."""
+    `features=f` runs only the head on features computed before.
+
+    Windows are left-padded, and a real position's output never depends on how much padding
+    precedes it: `skipped` says how many padding columns the caller dropped from the left, and
+    the output at the remaining positions is the same. The meta-learner therefore runs windows
+    in at most `window_groups` groups of similar length, each without its common padding."""
 
     head: nn.Module
+    window_groups = 1  # recurrent: every group is another pass over the time steps
 
-    def features(self, item_seq: torch.Tensor) -> torch.Tensor:
+    def features(self, item_seq: torch.Tensor, skipped: int = 0) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(
-        self, item_seq: torch.Tensor, features: torch.Tensor | None = None, head: bool = True
+        self,
+        item_seq: torch.Tensor,
+        features: torch.Tensor | None = None,
+        head: bool = True,
+        skipped: int = 0,
     ) -> torch.Tensor:
         if features is None:
-            features = self.features(item_seq)
+            features = self.features(item_seq, skipped)
         return self.head(features, item_seq) if head else features
 
 

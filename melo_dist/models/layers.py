@@ -36,21 +36,33 @@ class GRU(nn.Module):
         )
         self.h0 = nn.Parameter(torch.zeros(num_layers, hidden_size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skipped: int = 0) -> torch.Tensor:
+        """[..., L, D] -> [..., L, H]. `skipped`: left-padding positions dropped before `x`
+        (padding reads as zeros); each layer starts from the state reading them would have left,
+        computed once for one row instead of for every window."""
+        padding = x.new_zeros(skipped, x.shape[-1])
         for layer, (input_proj, hidden_proj) in enumerate(zip(self.input_proj, self.hidden_proj)):
-            gates_x = input_proj(x).unbind(-2)  # all input projections at once
-            h = self.h0[layer].expand(*x.shape[:-2], -1)
-            outputs = []
-            for gx in gates_x:
-                r_x, z_x, n_x = gx.chunk(3, dim=-1)
-                r_h, z_h, n_h = hidden_proj(h).chunk(3, dim=-1)
-                r = torch.sigmoid(r_x + r_h)
-                z = torch.sigmoid(z_x + z_h)
-                n = torch.tanh(n_x + r * n_h)
-                h = (1 - z) * n + z * h
-                outputs.append(h)
-            x = torch.stack(outputs, dim=-2)
+            h0 = self.h0[layer]
+            if skipped:
+                padding = self.run(input_proj, hidden_proj, padding, h0)
+                h0 = padding[-1]
+            x = self.run(input_proj, hidden_proj, x, h0.expand(*x.shape[:-2], -1))
         return x
+
+    @staticmethod
+    def run(input_proj: nn.Linear, hidden_proj: nn.Linear, x: torch.Tensor, h: torch.Tensor):
+        """One layer over the time axis of x [..., L, D] from state h [..., H]."""
+        gates_x = input_proj(x).unbind(-2)  # all input projections at once
+        outputs = []
+        for gx in gates_x:
+            r_x, z_x, n_x = gx.chunk(3, dim=-1)
+            r_h, z_h, n_h = hidden_proj(h).chunk(3, dim=-1)
+            r = torch.sigmoid(r_x + r_h)
+            z = torch.sigmoid(z_x + z_h)
+            n = torch.tanh(n_x + r * n_h)
+            h = (1 - z) * n + z * h
+            outputs.append(h)
+        return torch.stack(outputs, dim=-2)
 
 
 class LSTM(nn.Module):

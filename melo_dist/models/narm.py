@@ -17,6 +17,8 @@ from melo_dist.models.layers import GRU, attention_mask, embed_items
 
 
 class NARM(SequenceRegressor):
+    window_groups = 3  # the [L, L] attention dominates: fewer padding slots beat fewer calls
+
     def __init__(self, config: ModelConfig, num_items: int) -> None:
         super().__init__()
         self.dropout = config.dropout
@@ -27,10 +29,10 @@ class NARM(SequenceRegressor):
         self.score = nn.Linear(config.dim, 1, bias=False)
         self.head = build_head(config, 2 * config.dim, num_items)
 
-    def features(self, item_seq: torch.Tensor) -> torch.Tensor:
+    def features(self, item_seq: torch.Tensor, skipped: int = 0) -> torch.Tensor:
         """[..., L] item ids (0 = padding) -> [..., L, 2D] local and global context."""
         x = F.dropout(embed_items(self.item_embedding, item_seq), self.dropout, self.training)
-        states = self.gru(x)  # [..., L, D]
+        states = self.gru(x, skipped)  # [..., L, D]
         # scores[..., t, j] = v . sigmoid(A1 h_t + A2 h_j), over real positions j <= t.
         mixed = self.query_proj(states).unsqueeze(-2) + self.key_proj(states).unsqueeze(-3)
         scores = self.score(torch.sigmoid(mixed)).squeeze(-1)  # [..., L, L]

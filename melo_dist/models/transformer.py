@@ -18,6 +18,7 @@ from melo_dist.models.layers import TransformerBlock, attention_mask, embed_item
 
 class SelfAttentiveRegressor(SequenceRegressor):
     causal: bool
+    window_groups = 3  # compute-bound: fewer padding slots beat fewer calls
 
     def __init__(self, config: ModelConfig, num_items: int) -> None:
         super().__init__()
@@ -31,8 +32,10 @@ class SelfAttentiveRegressor(SequenceRegressor):
         )
         self.head = build_head(config, config.dim, num_items)
 
-    def features(self, item_seq: torch.Tensor) -> torch.Tensor:
-        """[..., L] item ids (0 = padding) -> [..., L, D] last block's states."""
+    def features(self, item_seq: torch.Tensor, skipped: int = 0) -> torch.Tensor:
+        """[..., L] item ids (0 = padding) -> [..., L, D] last block's states. Padding keys are
+        hidden and positions count from the right, so dropped left padding (`skipped`) changes
+        nothing."""
         length = item_seq.shape[-1]
         x = embed_items(self.item_embedding, item_seq) + self.position_embedding.weight[-length:]
         x = F.dropout(self.input_norm(x), self.dropout, self.training)
