@@ -38,10 +38,15 @@ def small_config(backbone: str, regime: str, head: str = "bias", **meta) -> Conf
 
 
 def small_batch(
-    tasks: int = 3, seed: int = 0, dtype=torch.float64, lengths: tuple[int, int] = (4, 14)
+    tasks: int = 3,
+    seed: int = 0,
+    dtype=torch.float64,
+    lengths: tuple[int, int] = (4, 14),
+    support: int = 4,
 ) -> TaskBatch:
     rows = random_task_rows(tasks, ITEMS, lengths, seed)
-    batch = sample_tasks(rows, WindowSpec(length=8, support=4, query=2), seed=seed, train=True)
+    spec = WindowSpec(length=8, support=support, query=2)
+    batch = sample_tasks(rows, spec, seed=seed, train=True)
     return TaskBatch(
         batch.support_items,
         batch.support_ratings.to(dtype),
@@ -105,13 +110,15 @@ def test_batched_meta_step_matches_per_task_loop(
 
 @pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
 @pytest.mark.parametrize("backbone", BACKBONES)
-def test_batched_meta_step_matches_per_task_loop_on_short_histories(backbone, first_order):
-    # histories of 3-5 interactions in windows of 8: every window group drops padding columns,
-    # which the recurrent backbones replace by the state reading them would have left
+def test_batched_meta_step_matches_per_task_loop_in_window_groups(backbone, first_order):
+    # 16 support windows of histories of 3-6 interactions in windows of 8: the windows run in
+    # groups that drop padding columns, which the recurrent backbones replace by the state
+    # reading them would have left
     config = small_config(backbone, "melo", "reference", inner_steps=2, first_order=first_order)
     learner = learner_for(config)
-    batch = small_batch(tasks=4, lengths=(3, 5))
+    batch = small_batch(tasks=4, lengths=(3, 6), support=16)
     groups = window_groups(batch.support_items, learner.backbone.window_groups)
+    assert len(groups) == min(learner.backbone.window_groups, 2)
     assert all(skipped >= 3 for _, skipped in groups)
     loss, grads = meta_step(learner, batch, 3)
     oracle_loss, oracle_grads = reference_meta_step(learner, batch, 3)
@@ -120,10 +127,11 @@ def test_batched_meta_step_matches_per_task_loop_on_short_histories(backbone, fi
 
 
 def test_window_groups_split_neighbours_and_keep_their_common_padding():
-    lengths = torch.tensor([[0, 2, 3, 6], [1, 2, 5, 8]])  # [tasks, windows], sorted per task
-    items = (torch.arange(8) >= 8 - lengths[..., None]).long()  # left-padded, length 8
-    assert window_groups(items, 2) == [(slice(0, 2), 6), (slice(2, 4), 0)]
-    assert window_groups(items, 1) == [(slice(0, 4), 0)]
+    lengths = torch.tensor([[0] * 6 + [2, 3] + [4] * 7 + [6], [1] * 6 + [2, 5] + [3] * 7 + [7]])
+    items = (torch.arange(8) >= 8 - lengths[..., None]).long()  # [2, 16, 8], left-padded
+    assert window_groups(items, 2) == [(slice(0, 8), 3), (slice(8, 16), 1)]
+    assert window_groups(items, 3) == window_groups(items, 2)  # groups of 8 windows at least
+    assert window_groups(items, 1) == [(slice(0, 16), 1)]
     assert window_groups(items[:, :1], 4) == [(slice(0, 1), 7)]  # one column at least
 
 

@@ -39,6 +39,7 @@ from melo_dist.models.heads import user_regressors
 
 Params = dict[str, torch.Tensor]
 WINDOW_DIMS = (-2, -1)  # a task's support/query windows [..., S, L]
+MIN_GROUP = 8  # windows: fewer run with the rest
 
 
 # -- losses -------------------------------------------------------------------------------
@@ -104,11 +105,13 @@ def step_importance(steps: int, iteration: int, multi_step_iterations: int) -> l
 
 
 def window_groups(items: torch.Tensor, groups: int) -> list[tuple[slice, int]]:
-    """Split the windows [B, W, L] into at most `groups` runs of neighbouring windows, each
-    with the number of left-padding columns all its windows share in every task. Sampling
-    orders each task's windows by length, so neighbours are alike."""
+    """Split the windows [B, W, L] into at most `groups` runs of neighbouring windows (of 8 or
+    more: a call has its cost too), each with the number of left-padding columns all its
+    windows share in every task. Sampling orders each task's windows by length, so neighbours
+    are alike."""
     longest = (items > 0).sum(-1).amax(0).tolist()  # [W] over tasks
-    bounds = torch.linspace(0, len(longest), min(groups, len(longest)) + 1).round().int().tolist()
+    groups = max(1, min(groups, len(longest) // MIN_GROUP))
+    bounds = torch.linspace(0, len(longest), groups + 1).round().int().tolist()
     length = items.shape[-1]
     return [
         (slice(start, end), length - max(1, *longest[start:end]))
@@ -234,7 +237,8 @@ class MetaLearner(nn.Module):
         params = {**dict(self.backbone.named_parameters()), **fast}
         param_dims = {name: 0 if name in fast else None for name in params}
         outputs = []
-        for group, skipped in window_groups(items, self.backbone.window_groups):
+        groups = self.backbone.window_groups if features is None else 1  # a head is cheap
+        for group, skipped in window_groups(items, groups):
             run = vmap(
                 lambda p, x, f, skipped=skipped: functional_call(
                     self.backbone, p, (x,), {"features": f, "head": head, "skipped": skipped}
