@@ -101,6 +101,13 @@ def run(options: list[str]) -> tuple[str, list, dict]:
     parser.add_argument("--backbone", default="sasrec")
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--segment", type=int, default=10, help="iterations per measurement")
+    parser.add_argument(
+        "--catalogue",
+        type=int,
+        default=1_000_000,
+        help="items of a large catalogue for the scaling model (its item tables' gradients are "
+        "all-reduced dense; a task's compute does not depend on the catalogue)",
+    )
     args = parser.parse_args(options)
 
     import ray
@@ -139,8 +146,12 @@ def run(options: list[str]) -> tuple[str, list, dict]:
             ray.shutdown()
         sized = config("size", 1)
         dataset = load_dataset(sized.data)
-        learner = build_learner(sized, dataset.num_items, dataset.levels)
-    numel = sum(p.numel() for p in learner.parameters() if p.requires_grad) + 1  # + the loss
+
+    def gradient_floats(items: int) -> int:
+        learner = build_learner(sized, items, dataset.levels)
+        return sum(p.numel() for p in learner.parameters() if p.requires_grad) + 1  # + loss
+
+    numel = gradient_floats(dataset.num_items)
     allreduce = allreduce_seconds(numel)
     one_worker = seconds["ray 1 worker x 1 thread"]
     predicted_two = one_worker / (one_worker / 2 + allreduce)
@@ -176,18 +187,24 @@ def run(options: list[str]) -> tuple[str, list, dict]:
             f"measured {figures['ray2_vs_ray1']:.2f}x, model {predicted_two:.2f}x",
         ),
     ]
-    for workers in CLUSTER_WORKERS:
-        network = ring_allreduce_seconds(numel * 4, workers)
-        efficiency = one_worker / (one_worker + network)
-        figures[f"predicted_efficiency_{workers}"] = round(efficiency, 4)
-        table.append(
-            (
-                f"{workers} workers, 10 Gb/s (model)",
-                f"all-reduce {network * 1e3:.1f} ms vs {one_worker * 1e3:.0f} ms compute: "
-                f"{efficiency:.1%} efficiency, {workers * tasks / (one_worker + network):,.0f} "
-                "tasks/s",
+    large = gradient_floats(args.catalogue)
+    figures["allreduce_mib_catalogue"] = round(large * 4 / 2**20, 1)
+    for label, floats, suffix in (
+        (f"{dataset.num_items:,} items", numel, ""),
+        (f"{args.catalogue:,} items", large, "_catalogue"),
+    ):
+        for workers in CLUSTER_WORKERS:
+            network = ring_allreduce_seconds(floats * 4, workers)
+            efficiency = one_worker / (one_worker + network)
+            figures[f"predicted_efficiency_{workers}{suffix}"] = round(efficiency, 4)
+            table.append(
+                (
+                    f"{workers} workers, 10 Gb/s, {label} (model)",
+                    f"all-reduce {network * 1e3:.1f} ms vs {one_worker * 1e3:.0f} ms compute: "
+                    f"{efficiency:.1%} efficiency, "
+                    f"{workers * tasks / (one_worker + network):,.0f} tasks/s",
+                )
             )
-        )
     title = (
         f"bench ray: {args.backbone}, {tasks} tasks/iteration, "
         f"mean s/iteration after the first {args.segment}"
