@@ -10,6 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from melo_dist.console import quiet_libraries
 from melo_dist.data.formats import SOURCES
 from melo_dist.data.prepare import PrepareSettings
 from melo_dist.data.synthetic import SyntheticSpec
@@ -106,6 +107,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from melo_dist.config import load_config
+    from melo_dist.console import ProgressLine
+    from melo_dist.training.checkpoint import CONFIG, read_metrics
     from melo_dist.training.loop import Interrupted, train_local
 
     config = load_config(args.config, args.set or [])
@@ -115,25 +118,42 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise InputError(f"--max-failures must be 0 or more, got {args.max_failures}")
     if args.max_minutes is not None and (args.max_minutes <= 0 or args.workers):
         raise InputError("--max-minutes takes minutes > 0, for in-process training (--workers 0)")
-    if args.workers == 0:
-        try:
-            best = train_local(config, max_minutes=args.max_minutes)
-        except Interrupted as stopped:
-            log(str(stopped))
-            raise SystemExit(stopped.exit_code) from None
-    else:
-        from melo_dist.distributed.train import connect, fit
+    out = Path(config.run.out)
+    changed = ", ".join(config.changed_settings()) or "none"
+    log(f"training {out} ({CONFIG} there): settings that differ from the reference's: {changed}")
+    line = ProgressLine(out.name)
+    try:
+        if args.workers == 0:
+            best = train_local(
+                config, log=line.message, max_minutes=args.max_minutes, progress=line
+            )
+        else:
+            from melo_dist.distributed.train import connect, fit
 
-        connect()
-        best = fit(
-            config,
-            args.workers,
-            cpus_per_worker=args.cpus_per_worker,
-            use_gpu=args.use_gpu,
-            storage_path=args.storage,
-            max_failures=args.max_failures,
-        )
-    print(json.dumps({"event": "train_done", "out": config.run.out, **best}))
+            connect(args.verbose)
+            best = fit(
+                config,
+                args.workers,
+                progress=line,
+                cpus_per_worker=args.cpus_per_worker,
+                use_gpu=args.use_gpu,
+                storage_path=args.storage,
+                max_failures=args.max_failures,
+            )
+    except Interrupted as stopped:
+        line.close()
+        log(str(stopped))
+        raise SystemExit(stopped.exit_code) from None
+    finally:
+        line.close()
+    last = read_metrics(out)[-1]
+    log(
+        f"done: best valid RMSE {best['valid_rmse']:.4f} at iteration {best['iteration']} "
+        f"(best.pt), last {last['valid_rmse']:.4f} at {last['iteration']} (last.pt); "
+        f"{last['seconds_per_iteration']:.2f} s/it, validation excluded"
+    )
+    if args.json:
+        print(json.dumps({"event": "train_done", "out": str(out), **best, "last": last}))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -143,8 +163,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         args.checkpoint, args.split, args.data, references=not args.no_references
     )
     print(format_results(results, args.split))
-    for name, metrics in results.items():
-        print(json.dumps({"event": "evaluation", "split": args.split, "model": name, **metrics}))
+    if args.json:
+        for name, metrics in results.items():
+            print(
+                json.dumps({"event": "evaluation", "split": args.split, "model": name, **metrics})
+            )
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -163,7 +186,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
         progress=log,
     )
     seconds = time.perf_counter() - started
-    print(json.dumps({"event": "predict_done", "out": args.out, "rows": rows, "seconds": seconds}))
+    log(f"wrote {rows:,} predictions to {args.out} in {seconds:.1f} s")
+    if args.json:
+        done = {"event": "predict_done", "out": args.out, "rows": rows, "seconds": seconds}
+        print(json.dumps(done))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -192,7 +218,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     try:
-        records = sweep(space, args.trials, out, storage=args.storage)
+        records = sweep(space, args.trials, out, storage=args.storage, verbose=args.verbose)
     except SweepInterrupted as interrupted:
         log(str(interrupted))
         raise SystemExit(130) from None
@@ -204,6 +230,8 @@ def cmd_tune(args: argparse.Namespace) -> None:
     for _, row in errored.iterrows():
         log(f"trial {row['trial']} errored: {row['error']}")
     best = table.iloc[0]
+    if not args.json:
+        return
     print(
         json.dumps(
             {
@@ -228,6 +256,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="melo-dist", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    console = argparse.ArgumentParser(add_help=False)  # what every long-running command shows
+    console.add_argument(
+        "--verbose", action="store_true", help="also show Ray's INFO logs and deprecation warnings"
+    )
+    console.add_argument("--json", action="store_true", help="also print JSON result lines")
 
     prep = commands.add_parser("prepare", help="rating file -> Parquet task tables + manifest")
     prep.add_argument("--source", required=True, choices=(*SOURCES, SYNTHETIC))
@@ -246,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="the raw manifest")
     inspect.set_defaults(run=cmd_inspect)
 
-    train = commands.add_parser("train", help="meta-train from a config")
+    train = commands.add_parser("train", help="meta-train from a config", parents=[console])
     train.add_argument("--config", help="YAML config (defaults: the reference's)")
     train.add_argument(
         "--set",
@@ -278,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(run=cmd_train)
 
-    evaluate = commands.add_parser("evaluate", help="score checkpoints on a split")
+    evaluate = commands.add_parser(
+        "evaluate", help="score checkpoints on a split", parents=[console]
+    )
     evaluate.add_argument(
         "--checkpoint",
         action="append",
@@ -290,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-references", action="store_true", help="skip the reference points")
     evaluate.set_defaults(run=cmd_evaluate)
 
-    predict = commands.add_parser("predict", help="adapt to users' histories, write predictions")
+    predict = commands.add_parser(
+        "predict", help="adapt to users' histories, write predictions", parents=[console]
+    )
     predict.add_argument("--checkpoint", required=True, help="a checkpoint file or run folder")
     predict.add_argument(
         "--users", required=True, help="histories: Parquet/CSV/RecBole .inter, or a task table"
@@ -320,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     served.set_defaults(run=cmd_serve)
 
-    sweep = commands.add_parser("tune", help="a Ray Tune + Optuna sweep over a YAML space")
+    sweep = commands.add_parser(
+        "tune", help="a Ray Tune + Optuna sweep over a YAML space", parents=[console]
+    )
     sweep.add_argument("--space", required=True, help="sweep space YAML (see tune/spaces/)")
     sweep.add_argument("--trials", type=int, required=True, help="trials to run")
     sweep.add_argument(
@@ -344,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_libraries(getattr(args, "verbose", False))
     try:
         args.run(args)
     except InputError as error:

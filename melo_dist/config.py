@@ -181,6 +181,16 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def changed_settings(self) -> list[str]:
+        """`section.key=value` for every setting that differs from the reference defaults."""
+        defaults = Config().to_dict()
+        return [
+            f"{section}.{key}={value}"
+            for section, values in self.to_dict().items()
+            for key, value in values.items()
+            if value != defaults[section][key]
+        ]
+
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> Config:
         if not isinstance(raw, dict):

@@ -40,11 +40,15 @@ def test_two_workers_of_8_equal_one_worker_of_16(ray_session, sixteen_users, tmp
         workers=1,
         cpus_per_worker=0.5,
     )
+    events = []
     fit(
         tiny_config(sixteen_users, tmp_path / "two", iterations=4, tasks=16),
         workers=2,
         cpus_per_worker=0.5,
+        progress=events.append,  # rank 0's progress reaches the driver
     )
+    assert [e["iteration"] for e in events if e["event"] == "validation"] == [2, 4]
+    assert [e["iteration"] for e in events if e["event"] == "iteration"] == [1, 3]
     one = load_checkpoint(tmp_path / "one" / LAST)
     two = load_checkpoint(tmp_path / "two" / LAST)
     assert one["iteration"] == two["iteration"] == 4

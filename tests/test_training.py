@@ -326,10 +326,29 @@ def test_cli_train_and_evaluate(synthetic_dir, tmp_path, capsys):
         }.items()
     ]
     assert main(["train", *sets]) == 0
-    assert json.loads(capsys.readouterr().out.splitlines()[-1])["iteration"] == 2
+    printed = capsys.readouterr()
+    assert printed.out == ""  # people read stderr; JSON only with --json
+    assert "model.dim=8" in printed.err and "meta.inner_steps=1" in printed.err
+    assert "done: best valid RMSE" in printed.err and "last" in printed.err
+    written = load_config(tmp_path / "run" / "config.yaml")  # the resolved config, in full
+    assert (
+        written.to_dict() == load_config(None, [s.removeprefix("--set=") for s in sets]).to_dict()
+    )
+
+    assert main(["train", *sets, "--set=optim.iterations=4", "--json"]) == 2  # other config
+    assert load_config(tmp_path / "run" / "config.yaml").optim.iterations == 2  # left alone
+    capsys.readouterr()
+    sets = [*sets[:-1], f"--set=run.out={tmp_path / 'json'}"]
+    assert main(["train", *sets, "--json"]) == 0
+    done = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert done["event"] == "train_done" and done["last"]["iteration"] == 2
+    assert done["iteration"] == done["last"]["iteration"]  # the best record, at the top level
+
     assert main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--split", "test"]) == 0
     out = capsys.readouterr().out
-    assert "bias model" in out and "users per class" in out
+    assert "bias model" in out and "users per class" in out and "{" not in out
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--json"]) == 0
+    out = capsys.readouterr().out
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert {line["model"] for line in lines} >= {"global mean", "item mean", "support mean"}
     assert main(["evaluate", "--checkpoint", str(tmp_path / "nothing")]) == 2

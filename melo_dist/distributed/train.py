@@ -12,8 +12,11 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import ray
@@ -22,6 +25,7 @@ import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, get_device
+from ray.util.queue import Queue
 
 from melo_dist.config import Config
 from melo_dist.data.dataset import load_dataset
@@ -37,6 +41,7 @@ from melo_dist.training.checkpoint import (
     best_record,
     load_checkpoint,
     resumable_state,
+    write_config,
 )
 from melo_dist.training.loop import train
 from melo_dist.training.run import TrainingRun
@@ -113,7 +118,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     batches = shard_batches(run, shard, config.meta.tasks_per_batch // world)
-    train(run, batches, save, reduce=average, log=log if rank == 0 else lambda message: None)
+    queue = loop_config.get("progress")  # the driver's progress line, if it shows one
+    if rank != 0:
+        train(run, batches, save, reduce=average, log=lambda message: None)
+    elif queue is None:
+        train(run, batches, save, reduce=average, log=log)
+    else:
+        train(
+            run,
+            batches,
+            save,
+            reduce=average,
+            log=lambda message: queue.put({"event": "log", "message": message}),
+            progress=queue.put,
+        )
 
 
 def shard_batches(run: TrainingRun, shard: Any, per_rank: int) -> Iterator[TaskBatch]:
@@ -151,13 +169,15 @@ def build_trainer(
     storage_path: str | None = None,
     max_failures: int = 0,
     callbacks: list | None = None,
+    progress: Queue | None = None,
 ) -> TorchTrainer:
     """The TorchTrainer of one distributed run, named after the full path of config.run.out (no
     timestamp, so a restarted run finds its checkpoints; two runs called `run` in different
     folders never share them). Ray's checkpoints go under `storage_path`, by default inside
     run.out, so deleting a run folder starts that run over. A run folder or Ray checkpoint of
     another config is refused, as in-process training refuses it. `callbacks`: Ray Train
-    callbacks (a Tune trial passes `TuneReportCallback`)."""
+    callbacks (a Tune trial passes `TuneReportCallback`). `progress`: a queue rank 0 puts its
+    progress events and log lines on, for the driver to show."""
     config.check_workers(workers)
     config = Config.from_dict(config.to_dict())  # paths are made absolute below: work on a copy
     data = Path(config.data.path)
@@ -191,7 +211,7 @@ def build_trainer(
     config.run.threads = max(1, round(cpus_per_worker))  # Ray sets 1 thread; use the CPUs given
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict()},
+        train_loop_config={"config": config.to_dict(), "progress": progress},
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
         ),
@@ -206,11 +226,21 @@ def build_trainer(
     )
 
 
-def fit(config: Config, workers: int, **settings: Any) -> dict:
+def fit(
+    config: Config,
+    workers: int,
+    progress: Callable[[dict], None] | None = None,
+    **settings: Any,
+) -> dict:
     """Meta-train on Ray (`settings`: those of `build_trainer`); copies the final checkpoint
     files into config.run.out and returns the best validation record, with `resumed_from`: the
-    iteration the last worker group started from (> 0 after a recovery or a resume)."""
-    result = build_trainer(config, workers, **settings).fit()
+    iteration the last worker group started from (> 0 after a recovery or a resume).
+    `progress` gets rank 0's progress events and log lines (`{"event": "log", ...}`), in this
+    process, while the workers train."""
+    with forwarded(progress) as queue:
+        trainer = build_trainer(config, workers, progress=queue, **settings)
+        write_config(config.run.out, config.to_dict())
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint: {result.error}")
     out = Path(config.run.out).resolve()
@@ -222,7 +252,39 @@ def fit(config: Config, workers: int, **settings: Any) -> dict:
     return {**best_record(out), "resumed_from": result.metrics.get("resumed_from", 0)}
 
 
-def connect() -> None:
-    """Join the cluster named by RAY_ADDRESS, or start a local Ray instance when there is none."""
+@contextmanager
+def forwarded(progress: Callable[[dict], None] | None) -> Iterator[Queue | None]:
+    """A queue for the workers' progress events (None without `progress`): while the block
+    runs, a thread hands every event on it to `progress`; what is still queued when the block
+    ends is handed on too, and the queue's actor is removed."""
+    if progress is None:
+        yield None
+        return
+    queue = Queue(actor_options={"num_cpus": 0})
+    done = threading.Event()
+
+    def forward() -> None:
+        while not done.is_set():
+            try:
+                progress(queue.get(timeout=0.25))
+            except Empty:
+                continue
+
+    thread = threading.Thread(target=forward, daemon=True)
+    thread.start()
+    try:
+        yield queue
+    finally:
+        done.set()
+        thread.join()
+        while not queue.empty():
+            progress(queue.get_nowait())
+        queue.shutdown()
+
+
+def connect(verbose: bool = False) -> None:
+    """Join the cluster named by RAY_ADDRESS, or start a local Ray instance when there is none.
+    Unless `verbose`, Ray's INFO logging and its processes' output stay out of this console
+    (errors still surface where they are raised)."""
     if not ray.is_initialized():
-        ray.init()
+        ray.init(log_to_driver=verbose, logging_level="INFO" if verbose else "WARNING")

@@ -100,7 +100,31 @@ def concurrency(space: SweepSpace) -> int:
     return max(1, fits)
 
 
-def build_tuner(space: SweepSpace, trials: int, out: Path, storage: str | None) -> tune.Tuner:
+class TrialLines(tune.Callback):
+    """One console line per finished trial (Tune's own status tables only with --verbose)."""
+
+    def __init__(self, trials: int) -> None:
+        self.trials, self.ended = trials, 0
+
+    def line(self, trial: tune.experiment.Trial, outcome: str) -> None:
+        self.ended += 1
+        result = trial.last_result or {}
+        best = result.get("best_valid_rmse")
+        text = f"trial {self.ended}/{self.trials} {trial.trial_id} {outcome}"
+        if best is not None:
+            text += f": best valid RMSE {best:.4f}, {result.get('iteration')} iterations run"
+        log(text)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self.line(trial, "finished")
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self.line(trial, "errored")
+
+
+def build_tuner(
+    space: SweepSpace, trials: int, out: Path, storage: str | None, verbose: bool = False
+) -> tune.Tuner:
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, space=space, out=str(out), storage=storage),
         {"cpu": space.trial.driver_cpus, "gpu": 0},
@@ -133,7 +157,8 @@ def build_tuner(space: SweepSpace, trials: int, out: Path, storage: str | None) 
             name=out.name,  # no timestamp: a re-run finds the sweep and resumes it
             storage_path=path.rsplit("/", 1)[0],
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-            verbose=1,
+            verbose=2 if verbose else 0,
+            callbacks=[TrialLines(trials)],
         ),
     )
 
@@ -162,10 +187,14 @@ def experiment_path(out: Path, storage: str | None) -> str:
 
 
 def sweep(
-    space: SweepSpace, trials: int, out: str | Path, storage: str | None = None
+    space: SweepSpace,
+    trials: int,
+    out: str | Path,
+    storage: str | None = None,
+    verbose: bool = False,
 ) -> list[TrialRecord]:
     """Run (or resume) the sweep, joining or starting Ray once the inputs are checked;
-    returns one `TrialRecord` per trial."""
+    returns one `TrialRecord` per trial. `verbose`: Tune's status tables and Ray's logs too."""
     out = Path(out).resolve()
     if storage and "://" not in storage:  # trials run in their own folders: no relative paths
         storage = str(Path(storage).resolve())
@@ -193,10 +222,10 @@ def sweep(
     elif tune.Tuner.can_restore(path):
         raise InputError("holds a Tune experiment that is not a melo-dist sweep", path=path)
 
-    connect()
+    connect(verbose)
     require_dashboard()
     check_fits(space)
-    tuner = build_tuner(space, trials, out, storage)
+    tuner = build_tuner(space, trials, out, storage, verbose)
     filesystem.create_dir(folder)
     with filesystem.open_output_stream(marker) as stream:
         stream.write(json.dumps(identity, indent=1).encode())

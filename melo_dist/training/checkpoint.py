@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
+import yaml
 
 from melo_dist.errors import InputError
 from melo_dist.runtime import log
 
 LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.jsonl"
+CONFIG = "config.yaml"  # the resolved config of the run, written when it starts
 RESOURCE_KEYS = ("path", "out", "threads")  # where and with what a run runs, not what it learns
 
 
@@ -55,6 +57,14 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Non
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
     write_atomically(path, lambda stream: torch.save(state, stream))
+
+
+def write_config(out: str | Path, config: dict) -> None:
+    """The run's resolved config (`Config.to_dict()`) as `out/config.yaml`: what it trains
+    with, every default included. Written after the resume check, so a refused run leaves the
+    folder's own file alone."""
+    text = yaml.safe_dump(config, sort_keys=False).encode()
+    write_atomically(Path(out) / CONFIG, lambda stream: stream.write(text))
 
 
 def checkpoint_path(path: str | Path) -> Path:

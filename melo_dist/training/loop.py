@@ -23,12 +23,18 @@ import numpy as np
 import torch
 
 from melo_dist.config import Config
+from melo_dist.console import format_progress
 from melo_dist.data.dataset import load_dataset
 from melo_dist.data.sampler import EpochSampler
 from melo_dist.data.tasks import TaskBatch
 from melo_dist.runtime import log as log_to_stderr
 from melo_dist.runtime import prepare_process
-from melo_dist.training.checkpoint import best_record, keep_metrics_until, resumable_state
+from melo_dist.training.checkpoint import (
+    best_record,
+    keep_metrics_until,
+    resumable_state,
+    write_config,
+)
 from melo_dist.training.run import TrainingRun
 
 Gradients = dict[str, torch.Tensor]
@@ -47,34 +53,49 @@ def train(
     reduce: Reduce = as_is,
     log: Callable[[str], None] = log_to_stderr,
     stop: Callable[[], bool] = lambda: False,
+    progress: Callable[[dict], None] | None = None,
 ) -> None:
     """Meta-train `run` until optim.iterations, or until `stop()` says so after an iteration
     (then its checkpoint is written first). `save(losses, seconds)` validates and writes a
     checkpoint (returning its record, or None on ranks that do not write); `seconds` is the
-    training time since the last checkpoint, validation excluded."""
+    training time since the last checkpoint, validation excluded. Every run.log_every
+    iterations and at every checkpoint, `progress` gets an event (iteration, total, loss,
+    seconds_per_iteration, and the validation record's fields at a checkpoint); without it,
+    `log` gets the event as a line."""
     total, log_every = run.config.optim.iterations, run.config.run.log_every
+    show = progress or (lambda event: log(format_progress(event)))
     losses, started = [], time.perf_counter()
     if run.iteration >= total:
         return
+
+    def checkpoint() -> None:
+        record = save(losses, time.perf_counter() - started)
+        if record is not None:
+            show({"event": "validation", "total": total, **record})
+
     for batch in batches:
         loss, grads = run.gradients(batch)
         grads, loss = reduce(grads, loss)
         run.apply(grads, loss)
         losses.append(loss)
         if run.at_checkpoint():
-            record = save(losses, time.perf_counter() - started)
-            if record is not None:
-                log(format_record(record, total))
+            checkpoint()
             losses, started = [], time.perf_counter()
         elif run.iteration % log_every == 0:
-            log(f"iter {run.iteration}/{total} loss {np.mean(losses[-log_every:]):.4f}")
+            show(
+                {
+                    "event": "iteration",
+                    "iteration": run.iteration,
+                    "total": total,
+                    "loss": float(np.mean(losses[-log_every:])),
+                    "seconds_per_iteration": (time.perf_counter() - started) / len(losses),
+                }
+            )
         if run.iteration >= total:
             return
         if stop():
             if losses:  # not just written at a checkpoint
-                record = save(losses, time.perf_counter() - started)
-                if record is not None:
-                    log(format_record(record, total))
+                checkpoint()
             return
 
 
@@ -117,20 +138,16 @@ class StopRequest:
                 signal.signal(s, handler)
 
 
-def format_record(record: dict, total: int) -> str:
-    return (
-        f"iter {record['iteration']}/{total} loss {record['loss']:.4f} "
-        f"valid RMSE {record['valid_rmse']:.4f} MAE {record['valid_mae']:.4f} "
-        f"(best {record['best_valid_rmse']:.4f}) {record['seconds_per_iteration']:.2f} s/it"
-    )
-
-
 def train_local(
-    config: Config, log: Callable[[str], None] = log_to_stderr, max_minutes: float | None = None
+    config: Config,
+    log: Callable[[str], None] = log_to_stderr,
+    max_minutes: float | None = None,
+    progress: Callable[[dict], None] | None = None,
 ) -> dict:
     """Meta-train in this process into config.run.out (resuming the run there); returns the
     best validation record. SIGINT/SIGTERM (in the main thread) and `max_minutes` stop it after
-    the current iteration with its checkpoint written; a signal then raises `Interrupted`."""
+    the current iteration with its checkpoint written; a signal then raises `Interrupted`.
+    `log` and `progress`: as `train` takes them."""
     prepare_process(config.run.threads)
     data = load_dataset(config.data)
     run = TrainingRun(config, data)
@@ -141,7 +158,7 @@ def train_local(
         keep_metrics_until(out, run.iteration)
         log(f"resuming {out} at iteration {run.iteration}")
     sampler = EpochSampler(data.train, data.spec, config.run.seed, config.meta.tasks_per_batch)
-    out.mkdir(parents=True, exist_ok=True)
+    write_config(out, config.to_dict())
     stop = StopRequest(max_minutes)
     main_thread = threading.current_thread() is threading.main_thread()
     with stop.signals() if main_thread else nullcontext():
@@ -151,6 +168,7 @@ def train_local(
             save=lambda losses, seconds: run.checkpoint(out, losses, seconds),
             log=log,
             stop=stop,
+            progress=progress,
         )
     if stop.signum is not None:
         raise Interrupted(stop.signum, run.iteration, out)
