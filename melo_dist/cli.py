@@ -160,7 +160,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from melo_dist.training.evaluation import evaluate_checkpoints, format_results
 
     results = evaluate_checkpoints(
-        args.checkpoint, args.split, args.data, references=not args.no_references
+        args.checkpoint, args.split, args.data, references=not args.no_references, progress=log
     )
     print(format_results(results, args.split))
     if args.json:

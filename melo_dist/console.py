@@ -5,6 +5,7 @@ libraries' own chatter (Ray's INFO logs, deprecation warnings) kept out of the w
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import warnings
@@ -13,15 +14,36 @@ from typing import TextIO
 BAR_WIDTH = 20
 
 
+class RayNotices(logging.Filter):
+    """Ray's notices that need no action: token authentication is on (it stays on), and Ray
+    Data's progress bars are off (melo-dist turns them off and shows its own progress)."""
+
+    NOTICES = ("Token authentication is enabled", "Progress bars disabled")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.NOTICES)
+
+
 def quiet_libraries(verbose: bool) -> None:
-    """Hide Ray's INFO logging and Python deprecation warnings in this process (verbose: keep
-    them). Ray processes' own output is kept from the driver by `connect(verbose)`."""
+    """Hide Ray's INFO logging, its notices and Python deprecation warnings in this process
+    (verbose: keep them; Ray's own RAY_DATA_LOG_LEVEL is respected). Ray processes' output is
+    kept from the driver by `connect(verbose)`."""
     if verbose:
         return
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def hide_ray_notices() -> None:
+    """Filter `RayNotices` out of every handler Ray's loggers have now (call once Ray and Ray
+    Data are imported: they install their handlers then)."""
+    for name in ("ray", "ray.data"):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, RayNotices) for f in handler.filters):
+                handler.addFilter(RayNotices())
 
 
 def format_progress(event: dict) -> str:

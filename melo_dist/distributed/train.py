@@ -28,6 +28,7 @@ from ray.train.torch import TorchTrainer, get_device
 from ray.util.queue import Queue
 
 from melo_dist.config import Config
+from melo_dist.console import hide_ray_notices
 from melo_dist.data.dataset import load_dataset
 from melo_dist.data.sampler import training_batch
 from melo_dist.data.seeds import derive_seed
@@ -286,5 +287,9 @@ def connect(verbose: bool = False) -> None:
     """Join the cluster named by RAY_ADDRESS, or start a local Ray instance when there is none.
     Unless `verbose`, Ray's INFO logging and its processes' output stay out of this console
     (errors still surface where they are raised)."""
+    if not verbose:
+        import ray.data
+
+        hide_ray_notices()
     if not ray.is_initialized():
         ray.init(log_to_driver=verbose, logging_level="INFO" if verbose else "WARNING")

@@ -19,6 +19,7 @@ Reference points any model must beat, computed from the same tasks:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,10 +148,15 @@ def reference_predictions(
 
 
 def evaluate_checkpoints(
-    paths: list[str], split: str = "test", data_path: str | None = None, references: bool = True
+    paths: list[str],
+    split: str = "test",
+    data_path: str | None = None,
+    references: bool = True,
+    progress: Callable[[str], None] = lambda message: None,
 ) -> dict[str, dict]:
     """{name: metrics} for each checkpoint (named by its run folder and regime) and, optionally,
-    the reference points, all on the same targets of `split`."""
+    the reference points, all on the same targets of `split`; `progress` hears what is being
+    scored."""
     states = [load_checkpoint(path) for path in paths]
     config = Config.from_dict(states[0]["config"])
     if data_path:
@@ -166,11 +172,13 @@ def evaluate_checkpoints(
             raise InputError(f"trained on a different dataset than {config.data.path}", path=path)
         learner = learner_from_state(state)
         name = f"{run_config.meta.regime} {run_config.model.backbone} ({Path(path).name})"
+        progress(f"scoring {name}: adapting to {len(rows):,} {split} users")
         results[name] = {
             **evaluate_learner(learner, batches, targets),
             "iteration": state["iteration"],
         }
     if references:
+        progress("fitting the reference points on the same support sets")
         results.update(reference_points(data.train, targets, data.num_items))
     return results
 
