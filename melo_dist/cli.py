@@ -108,6 +108,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from melo_dist.config import load_config
     from melo_dist.console import ProgressLine
+    from melo_dist.data.prepare import load_manifest
     from melo_dist.training.checkpoint import CONFIG, read_metrics
     from melo_dist.training.loop import Interrupted, train_local
 
@@ -121,6 +122,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     out = Path(config.run.out)
     changed = ", ".join(config.changed_settings()) or "none"
     log(f"training {out} ({CONFIG} there): settings that differ from the reference's: {changed}")
+    available = load_manifest(config.data.path)["counts"]["valid_users"]
+    if config.data.valid_users > available:
+        log(
+            f"data.valid_users is {config.data.valid_users}, but {config.data.path} has "
+            f"{available} validation users: validating on all of them"
+        )
     line = ProgressLine(out.name)
     try:
         if args.workers == 0:

@@ -160,6 +160,13 @@ class Config:
             ("model.dim", self.model.dim % self.model.heads == 0, "divisible by model.heads"),
             ("model.dropout", self.model.dropout < 1, "< 1"),
             ("model.max_length", self.model.max_length >= self.data.window, ">= data.window"),
+            (
+                "meta.multi_step_iterations",
+                self.meta.regime == "basic"
+                or self.meta.multi_step_iterations < self.optim.iterations,
+                f"below optim.iterations ({self.optim.iterations}), or 0: the MAML++ "
+                "multi-step phase would last the whole run (the reference: half of it)",
+            ),
         ]
         for key, ok, expected in checks:
             if not ok:

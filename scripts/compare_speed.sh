@@ -25,7 +25,8 @@ for backbone in "$@"; do
     (cd "$root" && PYTHONPATH=$root /usr/bin/time -f %M -o "$out.kib" "$HERE/.venv/bin/python" \
       -m melo_dist.cli train --config configs/ml1m-subset.yaml --set data.path="$DATA" \
       --set data.valid_users=50 --set model.backbone="$backbone" --set meta.regime=melo \
-      --set optim.iterations="$N" --set run.validate_every="$N" --set run.threads=2 \
+      --set optim.iterations="$N" --set meta.multi_step_iterations=$((N - 1)) \
+      --set run.validate_every="$N" --set run.threads=2 \
       --set run.out="$out" "${extra[@]}" ${SETTINGS:-} > "$out.log" 2>&1)
     figures=$("$HERE/.venv/bin/python" -c "import json,sys; r=json.loads(open(sys.argv[1]).read().splitlines()[-1]); print(r['seconds_per_iteration'], r['valid_rmse'])" "$out/metrics.jsonl")
     read -r seconds rmse <<< "$figures"

@@ -44,7 +44,8 @@ ray job submit --address "$address" --submission-id "$id" \
   --runtime-env-json '{"working_dir": ".", "excludes": [".venv", ".git", "runs", "data"]}' \
   -- python jobs/train.py --workers 2 --set data.path="$work/data" --set run.out="$work/run" \
   --set model.backbone=gru4rec --set model.dim=8 --set meta.tasks_per_batch=4 \
-  --set meta.inner_steps=1 --set optim.iterations=4 --set run.validate_every=2 \
+  --set meta.inner_steps=1 --set optim.iterations=4 --set meta.multi_step_iterations=2 \
+  --set run.validate_every=2 \
   --set data.valid_users=30 > "$work/job.log" 2>&1 || { tail -n 40 "$work/job.log"; exit 1; }
 status=$(ray job status --address "$address" "$id" 2>&1)
 echo "$status" | grep -q "Job '$id' succeeded" || { echo "$status"; tail -n 40 "$work/job.log"; exit 1; }

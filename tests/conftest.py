@@ -39,10 +39,10 @@ def tiny_config(
     config.model.backbone, config.model.dim, config.model.heads = "gru4rec", 8, 2
     config.model.max_length, config.model.encoder_hidden, config.model.dropout = 10, 8, 0.0
     config.meta.tasks_per_batch, config.meta.inner_steps = tasks, 2
-    config.meta.multi_step_iterations = 2
+    config.optim.iterations = iterations
+    config.meta.multi_step_iterations = min(2, iterations - 1)
     for key, value in meta.items():
         setattr(config.meta, key, value)
-    config.optim.iterations = iterations
     config.run.out, config.run.validate_every, config.run.log_every = str(out), validate_every, 1
     return config.validate()
 

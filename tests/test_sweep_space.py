@@ -19,7 +19,7 @@ from melo_dist.sweeps.space import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = """\
-fixed: {optim.iterations: 8, run.validate_every: 2}
+fixed: {optim.iterations: 8, meta.multi_step_iterations: 4, run.validate_every: 2}
 search:
   meta.inner_lr: {loguniform: [1.0e-3, 1.0e-1]}
   meta.inner_steps: {randint: [1, 5]}
@@ -94,7 +94,10 @@ def test_resolved_makes_the_data_path_absolute(tmp_path, monkeypatch):
     ("text", "message"),
     [
         ("search: [1, 2]\n", "search must be a mapping"),
-        ("fixed: {optim.iterations: 8}\n", "search names no parameter"),
+        (
+            "fixed: {optim.iterations: 8, meta.multi_step_iterations: 4}\n",
+            "search names no parameter",
+        ),
         ("serch: {}\n", "unknown key(s) ['serch']"),
         ("search: {meta.inner_lr: {normal: [0, 1]}}\n", "search key meta.inner_lr must be one"),
         ("search: {meta.inner_lr: {loguniform: [0, 1]}}\n", "low < high and low > 0"),

@@ -310,17 +310,25 @@ def test_negative_worker_flags_exit_2(tmp_path, capsys, flag):
     assert flag[-2] in capsys.readouterr().err
 
 
+def test_a_multi_step_phase_as_long_as_the_run_is_refused():
+    with pytest.raises(InputError, match=r"meta.multi_step_iterations must be below optim"):
+        load_config(None, ["optim.iterations=500"])  # the default phase is 1000 iterations
+    assert load_config(None, ["optim.iterations=500", "meta.multi_step_iterations=0"])
+    assert load_config(None, ["optim.iterations=500", "meta.regime=basic"])  # no inner loop
+
+
 def test_cli_train_and_evaluate(synthetic_dir, tmp_path, capsys):
     sets = [
         f"--set={k}={v}"
         for k, v in {
             "data.path": synthetic_dir,
-            "data.valid_users": 40,
+            "data.valid_users": 10_000,  # more than there are: all of them, and it says so
             "model.backbone": "gru4rec",
             "model.dim": 8,
             "meta.tasks_per_batch": 4,
             "meta.inner_steps": 1,
             "optim.iterations": 2,
+            "meta.multi_step_iterations": 1,
             "run.validate_every": 2,
             "run.out": tmp_path / "run",
         }.items()
@@ -330,6 +338,7 @@ def test_cli_train_and_evaluate(synthetic_dir, tmp_path, capsys):
     assert printed.out == ""  # people read stderr; JSON only with --json
     assert "model.dim=8" in printed.err and "meta.inner_steps=1" in printed.err
     assert "done: best valid RMSE" in printed.err and "last" in printed.err
+    assert "validating on all of them" in printed.err
     written = load_config(tmp_path / "run" / "config.yaml")  # the resolved config, in full
     assert (
         written.to_dict() == load_config(None, [s.removeprefix("--set=") for s in sets]).to_dict()

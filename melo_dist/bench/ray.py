@@ -128,6 +128,7 @@ def run(options: list[str]) -> tuple[str, list, dict]:
             c.data.path, c.data.valid_users = str(data), 64
             c.model.backbone = args.backbone
             c.optim.iterations, c.run.validate_every = args.iterations, args.segment
+            c.meta.multi_step_iterations = args.iterations - 1  # on, as in early training
             c.run.out, c.run.threads = str(Path(tmp) / name), threads
             return c.validate()
 

@@ -42,6 +42,7 @@ def train_small_model(folder: Path) -> Path:
         "model.user_factors=16",
         "meta.adapt=head",
         "optim.iterations=4",
+        "meta.multi_step_iterations=2",
         "run.validate_every=4",
         f"run.out={folder / 'run'}",
     ]
