@@ -17,7 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The main job: prepare the embedded synthetic default, meta-train MELO and MAML briefly with
-# local Ray and 2 workers, score both (and the reference points) on the test users.
+# local Ray and 2 workers, score both (and the reference points) on the test users, and write
+# the report of the two runs (reports/synthetic/report.md and .html).
 run: install
 	$(BIN)/melo-dist prepare --source synthetic --out $(DATA) --test-users 400 --overwrite
 	rm -rf runs/synthetic-melo runs/synthetic-maml
@@ -27,6 +28,7 @@ run: install
 		--set meta.regime=maml --set run.out=runs/synthetic-maml
 	$(BIN)/melo-dist evaluate --checkpoint runs/synthetic-melo --checkpoint runs/synthetic-maml \
 		--split test
+	$(BIN)/melo-dist report runs/synthetic-melo runs/synthetic-maml --out reports/synthetic
 
 # `ray job submit` against a real local head first (its own temp dir, free ports, token auth;
 # it stops only its own processes),

@@ -177,6 +177,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             )
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from melo_dist.report.build import write_report
+
+    path = write_report(args.runs, args.split, args.out, progress=log)
+    log(f"wrote {path} and {path.with_suffix('.html')} (figures beside them)")
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     from melo_dist.inference.batch import predict_file
 
@@ -331,6 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="prepared dataset (default: the checkpoint's)")
     evaluate.add_argument("--no-references", action="store_true", help="skip the reference points")
     evaluate.set_defaults(run=cmd_evaluate)
+
+    report = commands.add_parser(
+        "report", help="what runs learned: report.md/.html with figures", parents=[console]
+    )
+    report.add_argument("runs", nargs="+", help="run folders (run.out of local or Ray runs)")
+    report.add_argument("--split", default="test", choices=("valid", "test"))
+    report.add_argument("--out", required=True, help="folder for report.md, report.html, PNGs")
+    report.set_defaults(run=cmd_report)
 
     predict = commands.add_parser(
         "predict", help="adapt to users' histories, write predictions", parents=[console]

@@ -20,43 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from melo_dist.config import Config
 from melo_dist.data.dataset import load_dataset
 from melo_dist.meta import learner_from_state
+from melo_dist.report.learned import rmse_by_steps, weights_by_rating
 from melo_dist.training.checkpoint import load_checkpoint
-from melo_dist.training.evaluation import collect_targets, eval_batches, score
-
-
-def rmse_by_steps(learner, batches, targets) -> list[float]:
-    """RMSE of each query target after 0..J inner steps (0: the initialisation)."""
-    learner.eval()
-    per_step = [[] for _ in range(learner.steps + 1)]
-    for batch in batches:
-        local, rows = batch.with_local_items()
-        support = (local.support_items, local.support_ratings, local.support_mask)
-        with torch.enable_grad():
-            trajectory = learner.adapt(rows, *support, create_graph=False)
-        start = learner.task_params(rows)
-        with torch.no_grad():
-            for step, fast in enumerate([start, *trajectory]):
-                pred = learner.forward_tasks(fast, local.query_items)[..., -1] * learner.scale
-                per_step[step].append(pred)
-    return [score(torch.cat(p).numpy(), targets)["rmse"] for p in per_step]
-
-
-def weights_by_rating(learner, batches) -> dict[float, float]:
-    """MELO's mean inner-loss weight per rating level over the support positions, relative to
-    the task's mean weight (1 = average; what the encoder up- or down-weights)."""
-    totals: dict[float, list[float]] = {}
-    with torch.no_grad():
-        for batch in batches:
-            weights = learner.weight_net(batch.support_ratings, batch.support_mask)
-            if weights is None:
-                return {}
-            mask = batch.support_mask
-            task_mean = (weights * mask).sum((-2, -1)) / mask.sum((-2, -1)).clamp(min=1)
-            relative = weights / task_mean[:, None, None].clamp(min=1e-12)
-            for level in batch.support_ratings[mask].unique().tolist():
-                chosen = mask & (batch.support_ratings == level)
-                totals.setdefault(level, []).append(relative[chosen])
-    return {level: float(torch.cat(parts).mean()) for level, parts in sorted(totals.items())}
+from melo_dist.training.evaluation import collect_targets, eval_batches
 
 
 def main() -> None:

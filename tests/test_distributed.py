@@ -19,6 +19,7 @@ from conftest import tiny_config
 
 from melo_dist.cli import main
 from melo_dist.distributed.train import RAY_CHECKPOINTS, fit
+from melo_dist.report.build import write_report
 from melo_dist.training.checkpoint import LAST, load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -56,6 +57,8 @@ def test_two_workers_of_8_equal_one_worker_of_16(ray_session, sixteen_users, tmp
         assert torch.allclose(value, two["learner"][name], rtol=1e-4, atol=1e-6), name
     records = [json.loads(x) for x in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [2, 4]
+    report = write_report([str(tmp_path / "one"), str(tmp_path / "two")], "test", tmp_path / "r")
+    assert "| two |" in report.read_text()  # Ray run folders report as local ones do
 
 
 def training_worker_pids() -> list[int]:

@@ -173,9 +173,17 @@ def balance_score(ratings: pd.DataFrame, levels: np.ndarray) -> float:
     if len(levels) < 2:
         return 0.0
     hist = pd.crosstab(ratings["user"], ratings["rating"]).to_numpy(dtype=np.float64)
-    p = hist / hist.sum(axis=1, keepdims=True)
+    return float(np.mean(user_balance(hist, len(levels))))
+
+
+def user_balance(counts: np.ndarray, levels: int) -> np.ndarray:
+    """Each user's balance score [users] from their rating counts per level [users, K]: the
+    normalised entropy of the histogram (0 with a single level in the data)."""
+    if levels < 2:
+        return np.zeros(len(counts))
+    p = counts / counts.sum(axis=1, keepdims=True)
     entropy = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=1)
-    return float(np.mean(entropy / np.log(len(levels))))
+    return entropy / np.log(levels)
 
 
 def prepare(

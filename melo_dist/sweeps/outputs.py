@@ -7,14 +7,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
-import matplotlib
 import pandas as pd
 import yaml
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from melo_dist.errors import InputError
+from melo_dist.plots import pyplot
 from melo_dist.sweeps.space import SweepSpace
 
 RESULTS, BEST, CURVES, EFFECTS = "results.csv", "best.yaml", "valid_rmse.png", "parameters.png"
@@ -131,10 +130,3 @@ def plot_effects(table: pd.DataFrame, space: SweepSpace, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
-
-
-def pyplot() -> ModuleType:
-    matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
-    import matplotlib.pyplot as plt
-
-    return plt
