@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 
 import numpy as np
 import pytest
@@ -310,6 +311,19 @@ def test_negative_worker_flags_exit_2(tmp_path, capsys, flag):
     assert flag[-2] in capsys.readouterr().err
 
 
+def scalar_tags(path) -> set[str]:
+    """The scalar tags of a TensorBoard event file (TFRecords of Event protos)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    data, tags, offset = path.read_bytes(), set(), 0
+    while offset < len(data):
+        (length,) = struct.unpack("<Q", data[offset : offset + 8])
+        event = Event.FromString(data[offset + 12 : offset + 12 + length])
+        tags |= {value.tag for value in event.summary.value}
+        offset += 12 + length + 4
+    return tags
+
+
 def test_a_multi_step_phase_as_long_as_the_run_is_refused():
     with pytest.raises(InputError, match=r"meta.multi_step_iterations must be below optim"):
         load_config(None, ["optim.iterations=500"])  # the default phase is 1000 iterations
@@ -339,6 +353,8 @@ def test_cli_train_and_evaluate(synthetic_dir, tmp_path, capsys):
     assert "model.dim=8" in printed.err and "meta.inner_steps=1" in printed.err
     assert "done: best valid RMSE" in printed.err and "last" in printed.err
     assert "validating on all of them" in printed.err
+    (events,) = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
+    assert {"valid/rmse", "loss"} <= scalar_tags(events)  # `tensorboard --logdir runs/`
     written = load_config(tmp_path / "run" / "config.yaml")  # the resolved config, in full
     assert (
         written.to_dict() == load_config(None, [s.removeprefix("--set=") for s in sets]).to_dict()

@@ -186,6 +186,7 @@ def build_trainer(
         config.data.path = str(data.resolve())
     if config.run.init_from and Path(config.run.init_from).exists():
         config.run.init_from = str(Path(config.run.init_from).resolve())
+    config.run.out = str(Path(config.run.out).resolve())  # rank 0 writes TensorBoard events
     load_dataset(config.data)  # fail here, with a clear message, not in a worker
     out = Path(config.run.out).resolve()
     name = f"{out.name}-{hashlib.sha256(str(out).encode()).hexdigest()[:8]}"

@@ -73,30 +73,33 @@ def train(
         if record is not None:
             show({"event": "validation", "total": total, **record})
 
-    for batch in batches:
-        loss, grads = run.gradients(batch)
-        grads, loss = reduce(grads, loss)
-        run.apply(grads, loss)
-        losses.append(loss)
-        if run.at_checkpoint():
-            checkpoint()
-            losses, started = [], time.perf_counter()
-        elif run.iteration % log_every == 0:
-            show(
-                {
-                    "event": "iteration",
-                    "iteration": run.iteration,
-                    "total": total,
-                    "loss": float(np.mean(losses[-log_every:])),
-                    "seconds_per_iteration": (time.perf_counter() - started) / len(losses),
-                }
-            )
-        if run.iteration >= total:
-            return
-        if stop():
-            if losses:  # not just written at a checkpoint
+    try:
+        for batch in batches:
+            loss, grads = run.gradients(batch)
+            grads, loss = reduce(grads, loss)
+            run.apply(grads, loss)
+            losses.append(loss)
+            if run.at_checkpoint():
                 checkpoint()
-            return
+                losses, started = [], time.perf_counter()
+            elif run.iteration % log_every == 0:
+                show(
+                    {
+                        "event": "iteration",
+                        "iteration": run.iteration,
+                        "total": total,
+                        "loss": float(np.mean(losses[-log_every:])),
+                        "seconds_per_iteration": (time.perf_counter() - started) / len(losses),
+                    }
+                )
+            if run.iteration >= total:
+                return
+            if stop():
+                if losses:  # not just written at a checkpoint
+                    checkpoint()
+                return
+    finally:
+        run.close()
 
 
 class Interrupted(Exception):

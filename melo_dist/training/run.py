@@ -34,6 +34,10 @@ from melo_dist.training.evaluation import collect_targets, eval_batches, evaluat
 GROUPS = ("backbone", "weight_net", "inner_lrs")  # one optimiser each, by parameter prefix
 
 
+TENSORBOARD = "tensorboard"  # run.out's folder of TensorBoard event files
+EVENT_SCALARS = ("loss", "valid_rmse", "valid_mae", "best_valid_rmse", "seconds_per_iteration")
+
+
 class TrainingRun:
     def __init__(
         self, config: Config, data: Dataset, rank: int = 0, device: torch.device | str = "cpu"
@@ -126,11 +130,28 @@ class TrainingRun:
             "seconds_per_iteration": seconds / len(losses),
         }
         append_metrics(out, record)
+        self.write_events(record)
         state = self.state_dict()
         save_checkpoint(out / LAST, state)
         if improved:
             save_checkpoint(out / BEST, state)
         return record
+
+    def write_events(self, record: dict) -> None:
+        """The record as TensorBoard scalars in run.out/tensorboard (`tensorboard --logdir
+        runs/`), written by the rank that validates, beside the run's own files."""
+        if not hasattr(self, "events"):
+            from tensorboardX import SummaryWriter
+
+            self.events = SummaryWriter(str(Path(self.config.run.out) / TENSORBOARD), flush_secs=5)
+        for key in EVENT_SCALARS:
+            self.events.add_scalar(key.replace("_", "/", 1), record[key], record["iteration"])
+
+    def close(self) -> None:
+        """Write out what the event writer still holds (it writes in the background)."""
+        if hasattr(self, "events"):
+            self.events.close()
+            del self.events
 
     def state_dict(self) -> dict:
         return {
