@@ -162,7 +162,7 @@ BAD_INPUTS = [
         lambda d: write(
             d / "ratings.dat", "".join(f"{u}::{i}::4::9\n" for u in (1, 2, 3) for i in (10, 11))
         ),
-        ["--min-item-ratings", "1", "--min-user-ratings", "2"],
+        ["--protocol", "melo", "--min-item-ratings", "1", "--min-user-ratings", "2"],
         "no training users",
     ),
 ]

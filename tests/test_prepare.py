@@ -39,9 +39,8 @@ def independent_counts(path, min_items: int = 50, min_users: int = 5) -> dict:
 def test_reference_filters_match_independent_counts(tmp_path, relative, test_users):
     path = shared_file(relative)
     ratings, _ = read_ratings(path, "movielens")
-    manifest = prepare(
-        ratings, tmp_path / "out", PrepareSettings(test_users=test_users), {"family": "movielens"}
-    )
+    settings = PrepareSettings(protocol="melo", test_users=test_users)
+    manifest = prepare(ratings, tmp_path / "out", settings, {"family": "movielens"})
     expected = independent_counts(path)
     counts = manifest["counts"]
     assert counts["interactions"] == expected["interactions"]
@@ -54,6 +53,35 @@ def test_reference_filters_match_independent_counts(tmp_path, relative, test_use
     assert sum(len(t) for t in tables.values()) == expected["users"]
     assert sum(t["item_id"].map(len).sum() for t in tables.values()) == expected["interactions"]
     assert sum(manifest["rating_histogram"].values()) == expected["interactions"]
+
+
+def test_default_protocol_works_on_a_few_hundred_users_and_melo_is_one_flag_away(tmp_path):
+    ratings = generate_ratings(SyntheticSpec(users=300, items=2000, mean_length=12, seed=1))
+    messages = []
+    manifest = prepare(
+        ratings,
+        tmp_path / "small",
+        PrepareSettings(),
+        {"family": "synthetic"},
+        progress=messages.append,
+    )
+    assert manifest["settings"]["min_item_ratings"] == 5  # the resolved preset is recorded
+    assert manifest["counts"]["test_users"] == round(0.2 * manifest["counts"]["users"])
+    assert not any("the filters kept" in message for message in messages)
+    with pytest.raises(InputError, match=r"no training users|no ratings survive"):
+        prepare(
+            ratings,
+            tmp_path / "melo",
+            PrepareSettings(protocol="melo"),
+            {"family": "synthetic"},
+            progress=messages.append,
+        )
+    assert any("lower --min-item-ratings" in message for message in messages)  # it said why
+    melo = PrepareSettings(protocol="melo")
+    assert (melo.min_item_ratings, melo.min_user_ratings, melo.test_users) == (50, 5, 1000)
+    assert PrepareSettings(protocol="melo", min_item_ratings=20).min_item_ratings == 20
+    with pytest.raises(InputError, match="--protocol"):
+        PrepareSettings(protocol="ml1m")
 
 
 def test_split_is_disjoint_seeded_and_sized(tmp_path):

@@ -1,6 +1,7 @@
 """Preparation: canonical ratings -> filtered, time-ordered, split Parquet task tables.
 
-The protocol is the MELO reference's (DESIGN §2): drop items with fewer than
+The protocol follows the MELO reference's (DESIGN §2; `--protocol melo` is its exact ML-1M
+settings, the default one keeps small datasets usable): drop items with fewer than
 `min_item_ratings` ratings, then users with fewer than `min_user_ratings` (one pass each, in
 that order); order each user's interactions by time, breaking ties by item id so the order
 never depends on the file's row order; split users (never items) into seeded, disjoint
@@ -36,22 +37,52 @@ SPLITS = ("train", "valid", "test")
 MANIFEST = "manifest.json"
 
 
+# Filter and split presets: (min_item_ratings, min_user_ratings, test_users). `default` works
+# on datasets of a few hundred users (test_users 0: min(1000, 20 % of the users)); `melo` is
+# the reference's ML-1M protocol (DESIGN §2).
+PROTOCOLS = {"default": (5, 5, 0), "melo": (50, 5, 1000)}
+AUTO_TEST_USERS, AUTO_TEST_FRACTION = 1000, 0.2
+KEPT_WARNING = 0.5  # say so when the filters drop more than half of the ratings
+
+
 @dataclass(frozen=True)
 class PrepareSettings:
-    min_item_ratings: int = 50  # reference item filter (applied first)
-    min_user_ratings: int = 5  # reference user filter (applied second)
+    protocol: str = field(
+        default="default",
+        metadata={
+            "help": "filter and split preset: default (items with >= 5 ratings, then users >= "
+            "5; test users min(1000, 20 %%)) or melo (the reference's: items >= 50, 1000 test "
+            "users); the flags below override it"
+        },
+    )
+    min_item_ratings: int = field(
+        default=0, metadata={"help": "item filter, first; 0: the protocol's"}
+    )
+    min_user_ratings: int = field(
+        default=0, metadata={"help": "user filter, second; 0: the protocol's"}
+    )
     test_users: float = field(
-        default=1000, metadata={"help": "test users: a count (1000 for ML-1M), or a fraction < 1"}
+        default=0, metadata={"help": "test users: a count, a fraction < 1, or 0: the protocol's"}
     )
     valid_fraction: float = 0.15  # of the users left after the test draw
     seed: int = field(default=0, metadata={"help": "seed of the user split"})
     window: int = field(default=30, metadata={"help": "for the manifest's mean usable length"})
 
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise InputError(
+                f"--protocol must be one of {sorted(PROTOCOLS)}, got {self.protocol!r}"
+            )
+        presets = dict(
+            zip(("min_item_ratings", "min_user_ratings", "test_users"), PROTOCOLS[self.protocol])
+        )
+        for name, preset in presets.items():
+            if getattr(self, name) == 0:
+                object.__setattr__(self, name, preset)
         if self.min_item_ratings < 1 or self.min_user_ratings < 2:
             raise InputError("min_item_ratings must be >= 1 and min_user_ratings >= 2")
         if not (
-            self.test_users > 0 and (self.test_users < 1 or float(self.test_users).is_integer())
+            self.test_users >= 0 and (self.test_users < 1 or float(self.test_users).is_integer())
         ):
             raise InputError(
                 f"test_users must be a count >= 1 or a fraction in (0, 1), got {self.test_users}"
@@ -119,11 +150,12 @@ def filter_and_order(ratings: pd.DataFrame, settings: PrepareSettings) -> tuple[
 
 def split_users(n_users: int, settings: PrepareSettings) -> dict[str, np.ndarray]:
     """Seeded, disjoint user split: test draw first, then valid from the rest."""
-    n_test = (
-        round(settings.test_users * n_users)
-        if settings.test_users < 1
-        else int(settings.test_users)
-    )
+    if settings.test_users == 0:  # the default protocol's: min(1000, 20 %)
+        n_test = min(AUTO_TEST_USERS, round(AUTO_TEST_FRACTION * n_users))
+    elif settings.test_users < 1:
+        n_test = round(settings.test_users * n_users)
+    else:
+        n_test = int(settings.test_users)
     n_rest = n_users - n_test
     n_valid = round(settings.valid_fraction * n_rest)
     if n_test < 1 or n_rest - max(n_valid, 1) < 1:
@@ -213,6 +245,13 @@ def prepare(
             )
     progress(f"filtering {len(ratings):,} ratings")
     ordered, counts = filter_and_order(ratings, settings)
+    kept = counts["rows_after_user_filter"] / max(counts["rows_read"], 1)
+    if kept < KEPT_WARNING:
+        progress(
+            f"the filters kept {kept:.0%} of the ratings (items with >= "
+            f"{settings.min_item_ratings} ratings, then users with >= "
+            f"{settings.min_user_ratings}); to keep more, lower --min-item-ratings"
+        )
     user_ids = ordered["user_id"].drop_duplicates().to_numpy(dtype=object)
     item_ids = ordered.drop_duplicates("item").sort_values("item")["item_id"].to_numpy(dtype=object)
     parts = split_users(len(user_ids), settings)
