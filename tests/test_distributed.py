@@ -12,13 +12,14 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import tiny_config
 
 from melo_dist.cli import main
-from melo_dist.distributed.train import RAY_CHECKPOINTS, fit
+from melo_dist.distributed.train import RAY_CHECKPOINTS, fit, training_users
 from melo_dist.report.build import write_report
 from melo_dist.training.checkpoint import LAST, load_checkpoint
 
@@ -59,6 +60,20 @@ def test_two_workers_of_8_equal_one_worker_of_16(ray_session, sixteen_users, tmp
     assert [r["iteration"] for r in records] == [2, 4]
     report = write_report([str(tmp_path / "one"), str(tmp_path / "two")], "test", tmp_path / "r")
     assert "| two |" in report.read_text()  # Ray run folders report as local ones do
+
+
+def test_ray_training_users_come_in_a_seeded_well_mixed_order(ray_session, synthetic_dir):
+    tables = str(synthetic_dir / "tasks-train.parquet")
+    stored = pq.read_table(tables, columns=["user_id"]).column(0).to_pylist()
+    order = [row["user_id"] for row in training_users(tables, seed=0).iter_rows()]
+    assert sorted(order) == sorted(stored)  # every user once
+    assert order == [row["user_id"] for row in training_users(tables, seed=0).iter_rows()]
+    assert order != [row["user_id"] for row in training_users(tables, seed=1).iter_rows()]
+    rank = {user: index for index, user in enumerate(stored)}
+    position = np.array([rank[user] for user in order], dtype=float)
+    assert abs(np.corrcoef(position, np.arange(len(order)))[0, 1]) < 0.2  # not the stored order
+    first = position[:16]  # a first meta-batch spans the table, not 16 neighbouring ids
+    assert first.max() - first.min() > len(order) / 2
 
 
 def training_worker_pids() -> list[int]:

@@ -161,6 +161,16 @@ def shard_batches(run: TrainingRun, shard: Any, per_rank: int) -> Iterator[TaskB
         epoch += 1
 
 
+def training_users(tables: str, seed: int) -> ray.data.Dataset:
+    """The training users in a seeded global random order (the table is sorted by user id;
+    each rank's per-epoch shuffle buffer alone would leave its batches of neighbouring ids).
+    One row per user: small. Materialised before the workers take their CPUs, so the read
+    never waits for resources the training workers hold."""
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    users = ray.data.read_parquet(tables).select_columns(ROWS)
+    return users.random_shuffle(seed=seed).materialize()
+
+
 def build_trainer(
     config: Config,
     workers: int,
@@ -196,11 +206,8 @@ def build_trainer(
         earlier = sorted(p for p in (Path(storage) / name).glob("checkpoint_*") if p.is_dir())
         if earlier:  # (its checkpoint_manager_snapshot.json is not one)
             resumable_state(earlier[-1], config.to_dict())
-    # One row per user: small. Materialised before the workers take their CPUs, so the read
-    # never waits for resources the training workers hold.
-    ray.data.DataContext.get_current().enable_progress_bars = False
     tables = str(Path(config.data.path) / "tasks-train.parquet")
-    train = ray.data.read_parquet(tables).select_columns(ROWS).materialize()
+    train = training_users(tables, config.run.seed)
     if train.count() < config.meta.tasks_per_batch:
         raise InputError(
             f"{train.count()} training users cannot fill a meta-batch of "
