@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -15,7 +16,7 @@ from melo_dist.data.formats import SOURCES
 from melo_dist.data.prepare import PrepareSettings
 from melo_dist.data.synthetic import SyntheticSpec
 from melo_dist.errors import InputError
-from melo_dist.runtime import log
+from melo_dist.runtime import exit_on_sigterm, log
 
 SYNTHETIC = "synthetic"  # the embedded generator: a source that is generated, not read
 
@@ -406,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries(getattr(args, "verbose", False))
+    if threading.current_thread() is threading.main_thread():
+        exit_on_sigterm()
     try:
         args.run(args)
     except InputError as error:

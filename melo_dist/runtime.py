@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import torch
@@ -18,3 +19,10 @@ def prepare_process(threads: int) -> None:
     if threads > 0:
         torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM raises SystemExit(143) in the main thread, so every clean-up (`finally`, the
+    staging folders of `prepare`, temporary files) runs; Python's default ends the process at
+    once and leaves them behind. Training replaces it while it runs (a checkpoint first)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import numpy as np
 import pandas as pd
@@ -14,6 +16,7 @@ from melo_dist.data.prepare import SPLITS, PrepareSettings, prepare
 from melo_dist.data.readers import read_ratings
 from melo_dist.data.synthetic import SyntheticSpec, generate_ratings
 from melo_dist.errors import InputError
+from melo_dist.runtime import exit_on_sigterm
 
 
 def independent_counts(path, min_items: int = 50, min_users: int = 5) -> dict:
@@ -239,3 +242,24 @@ def test_no_validation_users_is_refused_at_prepare(tmp_path, valid_fraction, use
         settings = PrepareSettings(min_item_ratings=5, test_users=20, valid_fraction=valid_fraction)
         prepare(ratings, tmp_path / "out", settings, {"family": "synthetic"})
     assert not (tmp_path / "out").exists()
+
+
+def test_sigterm_while_preparing_leaves_nothing_behind(tmp_path):
+    """What `melo-dist` does on SIGTERM (exit 143 through every clean-up), mid-write."""
+    ratings = generate_ratings(SyntheticSpec(users=300, seed=2))
+
+    def terminate(message: str) -> None:
+        if message.startswith("writing tasks-test"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    exit_on_sigterm()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            prepare(
+                ratings, tmp_path / "out", PrepareSettings(), {"family": "x"}, progress=terminate
+            )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.code == 143
+    assert list(tmp_path.iterdir()) == []  # no staging folder, no half-written dataset
