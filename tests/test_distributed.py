@@ -19,7 +19,12 @@ import torch
 from conftest import tiny_config
 
 from melo_dist.cli import main
-from melo_dist.distributed.train import RAY_CHECKPOINTS, fit, training_users
+from melo_dist.distributed.train import (
+    RAY_CHECKPOINTS,
+    default_cpus_per_worker,
+    fit,
+    training_users,
+)
 from melo_dist.report.build import write_report
 from melo_dist.training.checkpoint import LAST, load_checkpoint
 
@@ -191,3 +196,10 @@ def settings_of(data_dir, out) -> list[str]:
         for key, value in values.items():
             flags += ["--set", f"{section}.{key}={value}"]
     return flags
+
+
+def test_workers_take_one_cpu_on_a_joined_cluster(ray_session, monkeypatch):
+    """An autoscaling cluster may be empty at submit time: its size must not set the CPUs."""
+    assert default_cpus_per_worker(16) == 0.25  # the local instance: what fits (2 CPUs here)
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert default_cpus_per_worker(16) == 1.0

@@ -10,6 +10,7 @@ ranks stay identical. Nothing algorithmic lives here.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import tempfile
 import threading
@@ -171,6 +172,16 @@ def training_users(tables: str, seed: int) -> ray.data.Dataset:
     return users.random_shuffle(seed=seed).materialize()
 
 
+def default_cpus_per_worker(workers: int) -> float:
+    """One CPU a worker on a joined cluster (RAY_ADDRESS): an autoscaling cluster's size at
+    submit time says nothing (an empty one would give 0.25). On the local instance this process
+    started, what fits beside half a CPU for Ray Data (at most 1)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return 1.0
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    return max(0.25, min(1.0, (cpus - DATA_CPUS) / workers))
+
+
 def build_trainer(
     config: Config,
     workers: int,
@@ -215,8 +226,7 @@ def build_trainer(
             path=tables,
         )
     if cpus_per_worker is None:
-        cpus = ray.cluster_resources().get("CPU", 1.0)
-        cpus_per_worker = max(0.25, min(1.0, (cpus - DATA_CPUS) / workers))
+        cpus_per_worker = default_cpus_per_worker(workers)
     config.run.threads = max(1, round(cpus_per_worker))  # Ray sets 1 thread; use the CPUs given
     return TorchTrainer(
         train_loop_per_worker,
