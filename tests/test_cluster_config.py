@@ -51,3 +51,35 @@ def test_cluster_yaml_shape():
     assert (rule["FromPort"], rule["ToPort"]) == (22, 22)
     ranges = [r["CidrIp"] for r in rule["IpRanges"]]
     assert ranges and "0.0.0.0/0" not in ranges
+
+
+def test_rayjob_manifest_runs_the_train_job_entry_point_with_auth_and_shared_storage():
+    """rayjob.yaml (KubeRay) submits what `ray job submit` does, with token auth on, the
+    project's dependencies, and the data, run folder and checkpoints on one shared volume."""
+    job = yaml.safe_load((ROOT / "rayjob.yaml").read_text())
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    entry = job["spec"]["entrypoint"].split()
+    assert entry[:2] == ["python", "jobs/train.py"] and (ROOT / entry[1]).exists()
+    config = entry[entry.index("--config") + 1]
+    assert (ROOT / config).exists()
+    settings = dict(entry[i + 1].split("=", 1) for i, a in enumerate(entry) if a == "--set")
+    storage = entry[entry.index("--storage") + 1]
+    runtime = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    assert runtime["excludes"] == [".venv", ".git", "runs", "data"]  # as `ray job submit`
+    packages = runtime["pip"]["packages"]
+    assert "torch==2.13.0" in packages  # pinned, from the CPU index
+    assert any(p.startswith("--extra-index-url") and p.endswith("/whl/cpu") for p in packages)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    for package in packages[2:]:
+        assert f'"{package}' in pyproject, package  # the project's own dependencies
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["rayVersion"] == ray.__version__
+    assert cluster["authOptions"]["mode"] == "token"  # token auth stays on
+    pods = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
+    for pod in pods:
+        (container,) = pod["template"]["spec"]["containers"]
+        assert container["image"].startswith(f"rayproject/ray:{ray.__version__}")
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        assert mounts == {"/shared"}
+    for path in (settings["data.path"], settings["run.out"], storage):
+        assert path.startswith("/shared/")  # every node sees the same files
