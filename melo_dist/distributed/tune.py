@@ -165,11 +165,14 @@ def build_tuner(
 
 def require_dashboard(wait_s: float = 20.0) -> None:
     """Sweeps need the dashboard: a finished trial's Ray Train worker reservation is released
-    through its state API, and without it the next trial waits forever for CPUs (DESIGN §4)."""
+    through its state API, and without it the next trial waits forever for CPUs (DESIGN §4).
+    The state API is asked at the connected cluster's address: left to guess, it refuses to
+    choose when another Ray instance runs on the machine."""
     deadline = time.monotonic() + wait_s
+    address = ray.get_runtime_context().gcs_address
     while True:
         try:
-            list_nodes(limit=1, timeout=10)
+            list_nodes(address=address, limit=1, timeout=10)
             return
         except RayStateApiException as error:
             if time.monotonic() > deadline:  # it may still be starting: retry a little first
