@@ -95,7 +95,7 @@ def test_sweep_writes_the_table_plots_and_a_best_config_that_trains(finished_swe
     assert best.meta.inner_lr == pytest.approx(winner["meta.inner_lr"])
     assert best.optim.lr == pytest.approx(winner["optim.lr"])
     assert (Path(winner["checkpoint"]) / "best.pt").exists()  # the trial's own checkpoint
-    assert main(["train", "--config", str(out / BEST)]) == 0  # unchanged: it trains as it is
+    assert main(["train", "--config", str(out / BEST), "--json"]) == 0  # it trains as it is
     done = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert done["event"] == "train_done"  # it reports the best record, at any iteration
     assert load_checkpoint(Path(best.run.out) / "last.pt")["iteration"] == 8  # trained to the end
@@ -144,10 +144,12 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
         text=True,
     )
 
-    runs = out / "trials"  # one Ray Train run folder per trial, made when it starts training
+    # one Ray Train run folder per trial, "<trial id>-<hash>", made when it starts training
+    # (beside it, the trial's run.out "<trial id>" holds its TensorBoard events)
+    runs = out / "trials"
 
     def started() -> list[Path]:
-        return sorted(path for path in runs.glob("*") if path.is_dir()) if runs.exists() else []
+        return sorted(path for path in runs.glob("*-*") if path.is_dir()) if runs.exists() else []
 
     deadline = time.time() + 300
     while len(started()) < 2:  # one trial at a time: when the second starts, the first has ended
@@ -172,7 +174,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
     assert "run the same command again to resume" in stderr
     assert not (out / RESULTS).exists()  # no half-written outputs
 
-    assert main(command) == 0  # in-process, joining the same Ray instance
+    assert main([*command, "--json"]) == 0  # in-process, joining the same Ray instance
     table = read_results(out)
     assert set(table["trial"]) == trial_ids  # the same two trials: restored, not started anew
     launched = dict(zip(table["trial"], table["number"]))
