@@ -340,9 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-references", action="store_true", help="skip the reference points")
     evaluate.set_defaults(run=cmd_evaluate)
 
-    report = commands.add_parser(
-        "report", help="what runs learned: report.md/.html with figures", parents=[console]
-    )
+    report = commands.add_parser("report", help="what runs learned: report.md/.html with figures")
     report.add_argument("runs", nargs="+", help="run folders (run.out of local or Ray runs)")
     report.add_argument("--split", default="test", choices=("valid", "test"))
     report.add_argument("--out", required=True, help="folder for report.md, report.html, PNGs")

@@ -160,18 +160,22 @@ class Config:
             ("model.dim", self.model.dim % self.model.heads == 0, "divisible by model.heads"),
             ("model.dropout", self.model.dropout < 1, "< 1"),
             ("model.max_length", self.model.max_length >= self.data.window, ">= data.window"),
-            (
-                "meta.multi_step_iterations",
-                self.meta.regime == "basic"
-                or self.meta.multi_step_iterations < self.optim.iterations,
-                f"below optim.iterations ({self.optim.iterations}), or 0: the MAML++ "
-                "multi-step phase would last the whole run (the reference: half of it)",
-            ),
         ]
         for key, ok, expected in checks:
             if not ok:
                 raise InputError(f"config key {key} must be {expected}, got {self.get(key)!r}")
         return self
+
+    def check_training(self) -> None:
+        """What only a run about to train needs (a checkpoint's config loads as it was): the
+        MAML++ multi-step phase ends before the run does, or is off (0)."""
+        multi, total = self.meta.multi_step_iterations, self.optim.iterations
+        if self.meta.regime != "basic" and multi >= total > 0 and multi:
+            raise InputError(
+                f"config key meta.multi_step_iterations must be below optim.iterations "
+                f"({total}), or 0: the MAML++ multi-step phase would last the whole run (the "
+                f"reference: half of it), got {multi}"
+            )
 
     def check_workers(self, workers: int, name: str = "the number of workers") -> None:
         """The meta-batch must split evenly: every worker adapts the same number of tasks."""

@@ -21,6 +21,7 @@ from conftest import tiny_config
 from melo_dist.cli import main
 from melo_dist.distributed.train import (
     RAY_CHECKPOINTS,
+    connect,
     default_cpus_per_worker,
     fit,
     training_users,
@@ -203,3 +204,9 @@ def test_workers_take_one_cpu_on_a_joined_cluster(ray_session, monkeypatch):
     assert default_cpus_per_worker(16) == 0.25  # the local instance: what fits (2 CPUs here)
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     assert default_cpus_per_worker(16) == 1.0
+
+
+def test_connect_with_verbose_output_joins_the_running_instance(ray_session):
+    connect(verbose=True)  # `melo-dist train --workers N --verbose` (it raised UnboundLocalError)
+    connect(verbose=False)
+    assert ray_session.is_initialized()

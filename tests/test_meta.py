@@ -136,11 +136,13 @@ def test_window_groups_split_neighbours_and_keep_their_common_padding():
 
 
 def test_sampled_windows_are_ordered_shortest_first():
-    batch = small_batch(tasks=6)
+    batch = small_batch(tasks=12, lengths=(2, 14))
     for mask in (batch.support_mask, batch.query_mask):
         lengths = mask.sum(-1)
-        assert (lengths[:, 1:] >= lengths[:, :-1]).all()
+        key = torch.where(lengths > 0, lengths, mask.shape[-1] + 1)  # empty slots last
+        assert (key[:, 1:] >= key[:, :-1]).all()
         assert len(set(lengths.flatten().tolist())) > 2
+    assert (batch.query_mask.sum(-1) == 0).any()  # some users have an empty query slot
 
 
 @pytest.mark.parametrize("adapt", ["head", "no_embeddings"])

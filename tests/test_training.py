@@ -324,11 +324,16 @@ def scalar_tags(path) -> set[str]:
     return tags
 
 
-def test_a_multi_step_phase_as_long_as_the_run_is_refused():
+def test_a_multi_step_phase_as_long_as_the_run_is_refused(synthetic_dir, tmp_path):
+    config = load_config(None, ["optim.iterations=500"])  # the default phase is 1000 iterations
     with pytest.raises(InputError, match=r"meta.multi_step_iterations must be below optim"):
-        load_config(None, ["optim.iterations=500"])  # the default phase is 1000 iterations
-    assert load_config(None, ["optim.iterations=500", "meta.multi_step_iterations=0"])
-    assert load_config(None, ["optim.iterations=500", "meta.regime=basic"])  # no inner loop
+        config.check_training()
+    with pytest.raises(InputError, match=r"meta.multi_step_iterations"):  # before any work
+        train_local(tiny_config(synthetic_dir, tmp_path / "run", 4, multi_step_iterations=4))
+    assert not (tmp_path / "run").exists()
+    Config.from_dict(config.to_dict())  # a checkpoint's config still loads as it was
+    load_config(None, ["optim.iterations=500", "meta.multi_step_iterations=0"]).check_training()
+    load_config(None, ["optim.iterations=500", "meta.regime=basic"]).check_training()
 
 
 def test_cli_train_and_evaluate(synthetic_dir, tmp_path, capsys):

@@ -21,6 +21,7 @@ import multiprocessing as mp
 import tempfile
 import time
 from pathlib import Path
+from queue import Empty
 
 import torch
 
@@ -69,9 +70,18 @@ def allreduce_seconds(numel: int, repeats: int = 20) -> float:
         ]
         for process in ranks:
             process.start()
-        seconds = queue.get()
-        for process in ranks:
-            process.join()
+        try:
+            seconds = queue.get(timeout=120)
+        except Empty:
+            codes = [process.exitcode for process in ranks]
+            raise RuntimeError(
+                f"the two gloo processes did not finish (exit codes {codes})"
+            ) from None
+        finally:
+            for process in ranks:
+                process.join(timeout=10)
+                if process.is_alive():
+                    process.kill()
     return seconds
 
 

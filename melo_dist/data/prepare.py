@@ -85,7 +85,8 @@ class PrepareSettings:
             self.test_users >= 0 and (self.test_users < 1 or float(self.test_users).is_integer())
         ):
             raise InputError(
-                f"test_users must be a count >= 1 or a fraction in (0, 1), got {self.test_users}"
+                f"test_users must be a count >= 1, a fraction in (0, 1) or 0 (the protocol's), "
+                f"got {self.test_users}"
             )
         if not 0 < self.valid_fraction < 1:  # training validates on these users: none is an error
             raise InputError(

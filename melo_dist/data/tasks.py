@@ -207,10 +207,10 @@ def sample_tasks(
 def by_length(
     end: np.ndarray, length: np.ndarray, valid: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each task's windows [B, W] ordered shortest first (empty slots first): the meta-learner
-    runs neighbouring windows together without their common padding. Losses sum over windows,
-    so the order changes no result."""
-    order = np.argsort(np.where(valid, length, 0), axis=1, kind="stable")
+    """Each task's windows [B, W] ordered shortest first, empty slots last (evaluation reads a
+    user's target at its first query): the meta-learner runs neighbouring windows together
+    without their common padding. Losses sum over windows, so the order changes no result."""
+    order = np.argsort(np.where(valid, length, np.iinfo(np.int64).max), axis=1, kind="stable")
     return tuple(np.take_along_axis(a, order, axis=1) for a in (end, length, valid))
 
 

@@ -21,6 +21,7 @@ from queue import Empty
 from typing import Any
 
 import ray
+import ray.data  # imported here: its log handlers exist before hide_ray_notices filters them
 import ray.train
 import torch
 import torch.distributed as dist
@@ -126,14 +127,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     elif queue is None:
         train(run, batches, save, reduce=average, log=log)
     else:
-        train(
-            run,
-            batches,
-            save,
-            reduce=average,
-            log=lambda message: queue.put({"event": "log", "message": message}),
-            progress=queue.put,
-        )
+        train(run, batches, save, reduce=average, progress=queue.put)
 
 
 def shard_batches(run: TrainingRun, shard: Any, per_rank: int) -> Iterator[TaskBatch]:
@@ -199,7 +193,8 @@ def build_trainer(
     run.out, so deleting a run folder starts that run over. A run folder or Ray checkpoint of
     another config is refused, as in-process training refuses it. `callbacks`: Ray Train
     callbacks (a Tune trial passes `TuneReportCallback`). `progress`: a queue rank 0 puts its
-    progress events and log lines on, for the driver to show."""
+    progress events on, for the driver to show."""
+    config.check_training()
     config.check_workers(workers)
     config = Config.from_dict(config.to_dict())  # paths are made absolute below: work on a copy
     data = Path(config.data.path)
@@ -254,8 +249,7 @@ def fit(
     """Meta-train on Ray (`settings`: those of `build_trainer`); copies the final checkpoint
     files into config.run.out and returns the best validation record, with `resumed_from`: the
     iteration the last worker group started from (> 0 after a recovery or a resume).
-    `progress` gets rank 0's progress events and log lines (`{"event": "log", ...}`), in this
-    process, while the workers train."""
+    `progress` gets rank 0's progress events, in this process, while the workers train."""
     with forwarded(progress) as queue:
         trainer = build_trainer(config, workers, progress=queue, **settings)
         write_config(config.run.out, config.to_dict())
@@ -306,8 +300,6 @@ def connect(verbose: bool = False) -> None:
     Unless `verbose`, Ray's INFO logging and its processes' output stay out of this console
     (errors still surface where they are raised)."""
     if not verbose:
-        import ray.data
-
         hide_ray_notices()
     if not ray.is_initialized():
         ray.init(log_to_driver=verbose, logging_level="INFO" if verbose else "WARNING")

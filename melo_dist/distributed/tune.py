@@ -212,6 +212,7 @@ def sweep(
             f"{trials} trials cannot run the space's {len(space.initial)} initial points"
         )
     load_dataset(space.base_config.data)  # fail now, not in N trials
+    space.base_config.check_training()
     path = experiment_path(out, storage)
     filesystem, folder = pyarrow.fs.FileSystem.from_uri(path)
     marker = f"{folder}/{SWEEP_FILE}"  # beside Tune's state, so a shared --storage is checked too

@@ -123,9 +123,7 @@ def write_report(
     if rates:
         drawn["rates"] = figures.inner_learning_rates(rates, out / FIGURES["rates"])
 
-    text = markdown(
-        split, names, states, curves, results, steps, by_rating, drawn, config, data.path
-    )
+    text = markdown(split, names, states, curves, results, steps, by_rating, drawn, data.path)
     (out / "report.md").write_text(text)
     (out / "report.html").write_text(as_html(text, out))
     return out / "report.md"
@@ -136,7 +134,7 @@ def user_ratings(data) -> list[np.ndarray]:
     return np.split(train.ratings, train.offsets[1:-1])
 
 
-def markdown(split, names, states, curves, results, steps, by_rating, drawn, config, data_path):
+def markdown(split, names, states, curves, results, steps, by_rating, drawn, data_path):
     lines = [
         f"# melo-dist report: {', '.join(names)}",
         "",

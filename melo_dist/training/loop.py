@@ -151,6 +151,7 @@ def train_local(
     best validation record. SIGINT/SIGTERM (in the main thread) and `max_minutes` stop it after
     the current iteration with its checkpoint written; a signal then raises `Interrupted`.
     `log` and `progress`: as `train` takes them."""
+    config.check_training()
     prepare_process(config.run.threads)
     data = load_dataset(config.data)
     run = TrainingRun(config, data)
