@@ -20,9 +20,8 @@ $(VENV)/.installed: pyproject.toml
 # local Ray and 2 workers, score both (and the reference points) on the test users, and write
 # the report of the two runs (reports/synthetic/report.md and .html).
 run: install
-	$(BIN)/melo-dist prepare --source synthetic --out $(DATA) --protocol melo --test-users 400 \
-		--overwrite
-	rm -rf runs/synthetic-melo runs/synthetic-maml
+	$(BIN)/melo-dist prepare --source synthetic --out $(DATA) --protocol melo --test-users 400 --overwrite
+	@rm -rf runs/synthetic-melo runs/synthetic-maml
 	$(BIN)/melo-dist train --config configs/synthetic.yaml --workers 2 --set data.path=$(DATA) \
 		--set meta.regime=melo --set run.out=runs/synthetic-melo
 	$(BIN)/melo-dist train --config configs/synthetic.yaml --workers 2 --set data.path=$(DATA) \

@@ -83,7 +83,8 @@ def write_report(
         names = [str(folder) for folder in folders]
     states = {name: load_checkpoint(folder) for name, folder in zip(names, folders)}
     curves = {name: read_metrics(folder) for name, folder in zip(names, folders)}
-    results = evaluate_checkpoints([str(f) for f in folders], split, progress=progress)
+    progress(f"scoring {len(folders)} run(s) and the reference points on the {split} users")
+    results = evaluate_checkpoints([str(f) for f in folders], split)
     config = Config.from_dict(next(iter(states.values()))["config"])
     data = load_dataset(config.data)
     batches = list(eval_batches(data.valid, data.spec, config.data.eval_seed))
