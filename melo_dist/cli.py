@@ -149,7 +149,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                 max_failures=args.max_failures,
             )
     except Interrupted as stopped:
-        line.close()
+        line.close()  # the line ends before the message
         log(str(stopped))
         raise SystemExit(stopped.exit_code) from None
     finally:

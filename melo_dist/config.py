@@ -194,12 +194,11 @@ class Config:
 
     def changed_settings(self) -> list[str]:
         """`section.key=value` for every setting that differs from the reference defaults."""
-        defaults = Config().to_dict()
+        defaults = flat_settings(Config().to_dict())
         return [
-            f"{section}.{key}={value}"
-            for section, values in self.to_dict().items()
-            for key, value in values.items()
-            if value != defaults[section][key]
+            f"{key}={value}"
+            for key, value in flat_settings(self.to_dict()).items()
+            if value != defaults[key]
         ]
 
     @classmethod
@@ -277,6 +276,11 @@ def read_config_file(path: str | Path) -> dict:
     if not isinstance(raw, dict) or not all(isinstance(v, dict | None) for v in raw.values()):
         raise InputError("a config file must be a mapping of sections (mappings)", path=path)
     return raw
+
+
+def flat_settings(config: dict) -> dict[str, Any]:
+    """`{"section.key": value}` of a config dict (`Config.to_dict()`, or a checkpoint's)."""
+    return {f"{s}.{k}": v for s, values in config.items() for k, v in values.items()}
 
 
 def read_yaml(path: str | Path) -> Any:

@@ -33,19 +33,14 @@ from melo_dist.meta import build_learner
 from melo_dist.training.checkpoint import read_metrics
 from melo_dist.training.loop import train_local
 
-VARIANTS = {  # name: (Ray workers, torch threads per process); 0 workers = in-process
-    "in-process 1 thread": (0, 1),
-    "in-process 2 threads": (0, 2),
-    "ray 1 worker x 1 thread": (1, 1),
-    "ray 1 worker x 2 threads": (1, 2),
-    "ray 2 workers x 1 thread": (2, 1),
-}
-KEYS = {  # the JSON names; the first three are kept from earlier versions of this bench
-    "in-process 1 thread": "inprocess",
-    "ray 1 worker x 1 thread": "ray1",
-    "ray 2 workers x 1 thread": "ray2",
-    "in-process 2 threads": "inprocess_2threads",
-    "ray 1 worker x 2 threads": "ray1_2threads",
+# name: (JSON key, Ray workers, torch threads a process); 0 workers = in-process. The keys
+# inprocess, ray1 and ray2 are kept from earlier versions of this bench.
+VARIANTS = {
+    "in-process 1 thread": ("inprocess", 0, 1),
+    "in-process 2 threads": ("inprocess_2threads", 0, 2),
+    "ray 1 worker x 1 thread": ("ray1", 1, 1),
+    "ray 1 worker x 2 threads": ("ray1_2threads", 1, 2),
+    "ray 2 workers x 1 thread": ("ray2", 2, 1),
 }
 NETWORK_BYTES_PER_S = 10e9 / 8  # 10 Gb/s
 HOP_LATENCY_S = 50e-6  # per ring step
@@ -143,16 +138,16 @@ def run(options: list[str]) -> tuple[str, list, dict]:
             return c.validate()
 
         seconds = {}
-        for name, (workers, threads) in VARIANTS.items():
+        for name, (key, workers, threads) in VARIANTS.items():
             if not workers:
-                train_local(config(KEYS[name], threads), log=lambda message: None)
-                seconds[name] = steady_seconds(Path(tmp) / KEYS[name])
+                train_local(config(key, threads), log=lambda message: None)
+                seconds[name] = steady_seconds(Path(tmp) / key)
         ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)  # 2 workers + data
         try:
-            for name, (workers, threads) in VARIANTS.items():
+            for name, (key, workers, threads) in VARIANTS.items():
                 if workers:
-                    fit(config(KEYS[name], threads), workers, cpus_per_worker=float(threads))
-                    seconds[name] = steady_seconds(Path(tmp) / KEYS[name])
+                    fit(config(key, threads), workers, cpus_per_worker=float(threads))
+                    seconds[name] = steady_seconds(Path(tmp) / key)
         finally:
             ray.shutdown()
         sized = config("size", 1)
@@ -172,7 +167,7 @@ def run(options: list[str]) -> tuple[str, list, dict]:
     table = [
         (name, f"{seconds[name]:.3f} s/iteration  {rate[name]:6.2f} tasks/s") for name in seconds
     ]
-    figures = {f"tasks_per_s_{KEYS[name]}": round(rate[name], 3) for name in seconds}
+    figures = {f"tasks_per_s_{VARIANTS[name][0]}": round(rate[name], 3) for name in seconds}
     figures |= {
         "ray1_vs_inprocess": round(
             rate["ray 1 worker x 1 thread"] / rate["in-process 1 thread"], 3

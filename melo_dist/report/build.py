@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from melo_dist.config import Config
+from melo_dist.config import Config, flat_settings
 from melo_dist.data.dataset import load_dataset
 from melo_dist.data.prepare import user_balance
 from melo_dist.errors import InputError
@@ -61,10 +61,7 @@ def run_folder(path: str) -> Path:
 
 def differing_settings(configs: dict[str, dict]) -> list[tuple[str, list]]:
     """(section.key, [value per run]) for every setting that is not the same in all runs."""
-    flat = {
-        name: {f"{s}.{k}": v for s, values in config.items() for k, v in values.items()}
-        for name, config in configs.items()
-    }
+    flat = {name: flat_settings(config) for name, config in configs.items()}
     keys = next(iter(flat.values()))
     rows = [(key, [values[key] for values in flat.values()]) for key in keys]
     return [(key, values) for key, values in rows if len({repr(v) for v in values}) > 1]
@@ -104,9 +101,10 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     classes = sorted({k[5:] for m in results.values() for k in m if k.startswith("rmse_")})
     levels = data.levels
-    counts = np.stack(
-        [np.bincount(np.searchsorted(levels, r), minlength=len(levels)) for r in user_ratings(data)]
-    )
+    train = data.train
+    users = np.repeat(np.arange(len(train)), train.lengths)
+    cells = users * len(levels) + np.searchsorted(levels, train.ratings)
+    counts = np.bincount(cells, minlength=len(train) * len(levels)).reshape(-1, len(levels))
     drawn = {
         "curves": figures.learning_curves(curves, out / FIGURES["curves"]),
         "classes": figures.rmse_per_class(results, classes, split, out / FIGURES["classes"]),
@@ -128,11 +126,6 @@ def write_report(
     (out / "report.md").write_text(text)
     (out / "report.html").write_text(as_html(text, out))
     return out / "report.md"
-
-
-def user_ratings(data) -> list[np.ndarray]:
-    train = data.train
-    return np.split(train.ratings, train.offsets[1:-1])
 
 
 def markdown(split, names, states, curves, results, steps, by_rating, drawn, data_path):

@@ -43,6 +43,7 @@ class TrainingRun:
         self, config: Config, data: Dataset, rank: int = 0, device: torch.device | str = "cpu"
     ) -> None:
         self.config, self.data, self.rank, self.device = config, data, rank, torch.device(device)
+        self.events = None  # the TensorBoard writer (`write_events`)
         torch.manual_seed(config.run.seed)
         self.learner = build_learner(config, data.num_items, data.levels)
         if config.model.head == "bias":  # every rank computes the same values
@@ -140,7 +141,7 @@ class TrainingRun:
     def write_events(self, record: dict) -> None:
         """The record as TensorBoard scalars in run.out/tensorboard (`tensorboard --logdir
         runs/`), written by the rank that validates, beside the run's own files."""
-        if not hasattr(self, "events"):
+        if self.events is None:  # opened by the first record: only the validating rank writes
             from tensorboardX import SummaryWriter
 
             self.events = SummaryWriter(str(Path(self.config.run.out) / TENSORBOARD), flush_secs=5)
@@ -149,9 +150,9 @@ class TrainingRun:
 
     def close(self) -> None:
         """Write out what the event writer still holds (it writes in the background)."""
-        if hasattr(self, "events"):
+        if self.events is not None:
             self.events.close()
-            del self.events
+            self.events = None
 
     def state_dict(self) -> dict:
         return {
