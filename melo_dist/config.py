@@ -46,6 +46,7 @@ LOWER_BOUNDS = [
     ("meta.user_damping", 0, False),
     ("meta.tasks_per_batch", 1, True),
     ("meta.multi_step_iterations", 0, True),
+    ("meta.outer_balance", 0, True),
     ("optim.iterations", 1, True),
     ("optim.lr", 0, False),
     ("optim.lr_min", 0, True),
@@ -104,6 +105,8 @@ class MetaConfig:
     query_loss: str = "last"  # outer loss on each query's target (last) or every position (all)
     outer_loss: str = "mse"  # mse | class_balanced: each target weighted 1 / (K * its level's
     # share of the training ratings), so every rating level weighs the same in the outer loss
+    outer_balance: float = 1.0  # class_balanced: weights share^-outer_balance (mean 1), from
+    # 0 (plain MSE) to 1 (every level the same); 0.5 = square-root balancing
     tasks_per_batch: int = 16  # the meta-batch (global, across workers)
     multi_step_iterations: int = 1000  # MAML++ multi-step loss for the first N iterations
 

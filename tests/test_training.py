@@ -151,6 +151,20 @@ def test_class_balanced_outer_weights_give_every_level_the_same_total(synthetic_
     assert torch.equal(TrainingRun(config, data).learner.outer_weights, weights)
 
 
+def test_partly_balanced_outer_weights_interpolate_between_mse_and_balanced(synthetic_dir):
+    data = load_dataset(load_config(None, [f"data.path={synthetic_dir}"]).data)
+    ratings = torch.from_numpy(data.train.ratings)
+    shares = torch.stack([(ratings == level).double().mean() for level in data.levels])
+    assert torch.allclose(class_balanced_weights(data, 0.0), torch.ones(len(shares)))
+    half = class_balanced_weights(data, 0.5).double()
+    assert float((half * shares).sum()) == pytest.approx(1.0, rel=1e-5)  # mean weight 1
+    ratios = half / half[0]
+    assert torch.allclose(ratios, (shares / shares[0]) ** -0.5, rtol=1e-5)
+    config = tiny_config(synthetic_dir, "unused", outer_loss="class_balanced")
+    config.meta.outer_balance = 0.5
+    assert torch.equal(TrainingRun(config, data).learner.outer_weights, half.float())
+
+
 def test_training_writes_checkpoints_and_improves(synthetic_dir, tmp_path):
     config = tiny_config(synthetic_dir, tmp_path / "run", iterations=12, validate_every=3)
     best = train_local(config, log=lambda message: None)

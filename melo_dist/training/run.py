@@ -51,7 +51,8 @@ class TrainingRun:
         if config.run.init_from:
             init_embeddings(self.learner, config.run.init_from)
         if hasattr(self.learner, "outer_weights"):
-            self.learner.outer_weights.copy_(class_balanced_weights(data))
+            power = config.meta.outer_balance
+            self.learner.outer_weights.copy_(class_balanced_weights(data, power))
         self.learner.to(self.device)
         optim = config.optim
         self.params = {
@@ -181,13 +182,14 @@ class TrainingRun:
         self.iteration, self.best_rmse = state["iteration"], state["best_rmse"]
 
 
-def class_balanced_weights(data: Dataset) -> torch.Tensor:
-    """1 / (K * share) per rating level, from the training users' ratings: every level weighs
-    the same, and the mean weight over the training ratings is 1."""
+def class_balanced_weights(data: Dataset, power: float = 1.0) -> torch.Tensor:
+    """share^-power per rating level, from the training users' ratings, scaled so that the mean
+    weight over the training ratings is 1: power 1 gives 1 / (K * share), every level weighing
+    the same; power 0 gives plain MSE."""
     ratings = torch.from_numpy(data.train.ratings)
     counts = torch.stack([(ratings == level).sum() for level in data.levels]).double()
-    share = counts / counts.sum()
-    return (1 / (len(share) * share.clamp(min=1e-12))).float()
+    share = (counts / counts.sum()).clamp(min=1e-12)
+    return (share**-power / (share ** (1 - power)).sum()).float()
 
 
 def init_bias_head(learner: torch.nn.Module, data: Dataset, factors: int) -> None:
