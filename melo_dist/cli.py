@@ -110,6 +110,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from melo_dist.config import load_config
     from melo_dist.console import ProgressLine
     from melo_dist.data.prepare import load_manifest
+    from melo_dist.storage import local_folder
     from melo_dist.training.checkpoint import CONFIG, read_metrics
     from melo_dist.training.loop import Interrupted, train_local
 
@@ -154,7 +155,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise SystemExit(stopped.exit_code) from None
     finally:
         line.close()
-    last = read_metrics(out)[-1]
+    last = read_metrics(local_folder(config.run.out))[-1]
     log(
         f"done: best valid RMSE {best['valid_rmse']:.4f} at iteration {best['iteration']} "
         f"(best.pt), last {last['valid_rmse']:.4f} at {last['iteration']} (last.pt); "

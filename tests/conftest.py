@@ -57,6 +57,14 @@ def write(path: Path, content: str | bytes) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def storage_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Local copies of folders at URIs go to a session folder (Ray workers inherit it)."""
+    cache = tmp_path_factory.mktemp("cache")
+    os.environ["MELO_DIST_CACHE"] = str(cache)
+    return cache
+
+
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A prepared synthetic dataset (600 users) shared by the whole session; treat as read-only."""

@@ -11,6 +11,7 @@ import numpy as np
 from melo_dist.config import DataConfig
 from melo_dist.data.prepare import load_manifest
 from melo_dist.data.tasks import TaskRows, WindowSpec
+from melo_dist.storage import local_dataset
 
 
 @dataclass
@@ -44,7 +45,7 @@ def window_spec(config: DataConfig) -> WindowSpec:
 
 def load_dataset(config: DataConfig) -> Dataset:
     """The dataset of `data.path`; a missing or foreign folder is an error naming it."""
-    path = Path(config.path)
+    path = local_dataset(config.path)  # a URI: a local copy, fetched once
     manifest = load_manifest(path)
     valid = TaskRows.from_parquet(str(path / "tasks-valid.parquet"))
     if config.valid_users and len(valid) > config.valid_users:

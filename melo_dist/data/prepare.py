@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from melo_dist import __version__
 from melo_dist.errors import InputError
+from melo_dist.storage import clear, is_empty, is_uri, local_dataset, push, read_bytes
 
 SPLITS = ("train", "valid", "test")
 MANIFEST = "manifest.json"
@@ -228,22 +229,24 @@ def prepare(
     overwrite: bool = False,
     progress: Callable[[str], None] = lambda message: None,
 ) -> dict:
-    """Prepare `ratings` (canonical columns) into `out_dir`; return the manifest."""
+    """Prepare `ratings` (canonical columns) into `out_dir` (a folder or a URI); return the
+    manifest."""
+    if is_uri(out_dir):  # prepared locally, then copied up with its manifest last
+        uri = str(out_dir)
+        if not is_empty(uri):
+            refuse_overwrite(uri, overwrite, read_bytes(uri, MANIFEST) is not None)
+        with tempfile.TemporaryDirectory(prefix="melo-prepare-") as local:
+            staged = Path(local) / "dataset"
+            manifest = prepare(ratings, staged, settings, source, progress=progress)
+            progress(f"copying the dataset to {uri}")
+            clear(uri)
+            push(staged, uri)
+        return manifest
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError("output path exists and is not a folder", path=out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise InputError(
-                "output folder exists and is not empty; pass --overwrite to replace it",
-                path=out_dir,
-            )
-        if not (out_dir / MANIFEST).is_file():  # never delete a folder prepare did not write
-            raise InputError(
-                "--overwrite replaces only a dataset `prepare` wrote (a folder with "
-                f"{MANIFEST}); this folder holds other files, so it is left untouched",
-                path=out_dir,
-            )
+        refuse_overwrite(out_dir, overwrite, (out_dir / MANIFEST).is_file())
     progress(f"filtering {len(ratings):,} ratings")
     ordered, counts = filter_and_order(ratings, settings)
     kept = counts["rows_after_user_filter"] / max(counts["rows_read"], 1)
@@ -329,8 +332,22 @@ def replace_dir(staging: Path, out_dir: Path) -> None:
         os.replace(staging, out_dir)
 
 
+def refuse_overwrite(out: str | Path, overwrite: bool, is_dataset: bool) -> None:
+    """The checks before writing into a folder that is not empty."""
+    if not overwrite:
+        raise InputError(
+            "output folder exists and is not empty; pass --overwrite to replace it", path=out
+        )
+    if not is_dataset:  # never delete a folder prepare did not write
+        raise InputError(
+            "--overwrite replaces only a dataset `prepare` wrote (a folder with "
+            f"{MANIFEST}); this folder holds other files, so it is left untouched",
+            path=out,
+        )
+
+
 def load_manifest(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / MANIFEST
+    path = local_dataset(data_dir) / MANIFEST
     if not path.is_file():
         raise InputError(
             "not a prepared dataset (no manifest.json); run `melo-dist prepare`", path=data_dir

@@ -37,6 +37,7 @@ from melo_dist.data.seeds import derive_seed
 from melo_dist.data.tasks import TaskBatch, TaskRows
 from melo_dist.errors import InputError
 from melo_dist.runtime import log, prepare_process
+from melo_dist.storage import checked_out, is_uri, local_folder, publish
 from melo_dist.training.checkpoint import (
     BEST,
     LAST,
@@ -117,6 +118,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         record = run.checkpoint(staging, losses, seconds)
         report = {**record, "resumed_from": resumed_from}
         ray.train.report(report, checkpoint=Checkpoint.from_directory(str(staging)))
+        publish(config.run.out)  # a URI: rank 0's TensorBoard events, written beside it
         return record
 
     shard = ray.train.get_dataset_shard("train")
@@ -197,22 +199,24 @@ def build_trainer(
     config.check_training()
     config.check_workers(workers)
     config = Config.from_dict(config.to_dict())  # paths are made absolute below: work on a copy
-    data = Path(config.data.path)
-    if data.exists():  # workers may run elsewhere in the file system: give them absolute paths
-        config.data.path = str(data.resolve())
+    # workers may run elsewhere in the file system: give them absolute paths (URIs stay)
+    if not is_uri(config.data.path) and Path(config.data.path).exists():
+        config.data.path = str(Path(config.data.path).resolve())
+    if not is_uri(config.run.out):  # rank 0 writes TensorBoard events there
+        config.run.out = str(Path(config.run.out).resolve())
     if config.run.init_from and Path(config.run.init_from).exists():
         config.run.init_from = str(Path(config.run.init_from).resolve())
-    config.run.out = str(Path(config.run.out).resolve())  # rank 0 writes TensorBoard events
     load_dataset(config.data)  # fail here, with a clear message, not in a worker
-    out = Path(config.run.out).resolve()
-    name = f"{out.name}-{hashlib.sha256(str(out).encode()).hexdigest()[:8]}"
-    storage = storage_path or str(out / RAY_CHECKPOINTS)
-    resumable_state(out, config.to_dict())  # the files of an earlier run, in-process or Ray
+    out = config.run.out
+    name = f"{out.rstrip('/').rsplit('/', 1)[-1]}-{hashlib.sha256(out.encode()).hexdigest()[:8]}"
+    storage = storage_path or f"{out.rstrip('/')}/{RAY_CHECKPOINTS}"
+    checked_out(out)  # the files of an earlier run, in-process or Ray
+    resumable_state(out, config.to_dict())
     if "://" not in storage:  # Ray's own checkpoint of this run, on a local or mounted path
         earlier = sorted(p for p in (Path(storage) / name).glob("checkpoint_*") if p.is_dir())
         if earlier:  # (its checkpoint_manager_snapshot.json is not one)
             resumable_state(earlier[-1], config.to_dict())
-    tables = str(Path(config.data.path) / "tasks-train.parquet")
+    tables = f"{config.data.path.rstrip('/')}/tasks-train.parquet"  # Ray Data reads URIs too
     train = training_users(tables, config.run.seed)
     if train.count() < config.meta.tasks_per_batch:
         raise InputError(
@@ -252,16 +256,17 @@ def fit(
     `progress` gets rank 0's progress events, in this process, while the workers train."""
     with forwarded(progress) as queue:
         trainer = build_trainer(config, workers, progress=queue, **settings)
-        write_config(config.run.out, config.to_dict())
+        write_config(local_folder(config.run.out), config.to_dict())
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint: {result.error}")
-    out = Path(config.run.out).resolve()
+    out = local_folder(config.run.out)
     with result.checkpoint.as_directory() as folder:
         out.mkdir(parents=True, exist_ok=True)
         for name in (LAST, BEST, METRICS):
             if (Path(folder) / name).exists():
                 shutil.copy2(Path(folder) / name, out / name)
+    publish(config.run.out)
     return {**best_record(out), "resumed_from": result.metrics.get("resumed_from", 0)}
 
 

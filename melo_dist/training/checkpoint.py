@@ -22,6 +22,7 @@ import yaml
 
 from melo_dist.errors import InputError
 from melo_dist.runtime import log
+from melo_dist.storage import checked_out, is_uri, local_dataset, local_folder
 
 LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.jsonl"
 CONFIG = "config.yaml"  # the resolved config of the run, written when it starts
@@ -29,7 +30,7 @@ RESOURCE_KEYS = ("path", "out", "threads")  # where and with what a run runs, no
 
 
 def manifest_hash(data_dir: str | Path) -> str:
-    return hashlib.sha256((Path(data_dir) / "manifest.json").read_bytes()).hexdigest()
+    return hashlib.sha256((local_dataset(data_dir) / "manifest.json").read_bytes()).hexdigest()
 
 
 def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
@@ -76,7 +77,10 @@ def checkpoint_path(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """The state of a checkpoint file or run folder (`checkpoint_path`)."""
+    """The state of a checkpoint file or run folder (`checkpoint_path`), local or at a URI."""
+    if is_uri(path):  # its run folder, fetched
+        folder, _, name = str(path).rstrip("/").rpartition("/")
+        path = checked_out(folder) / name if name.endswith(".pt") else checked_out(str(path))
     path = checkpoint_path(path)
     if not path.is_file():
         raise InputError("checkpoint not found", path=path)
@@ -86,11 +90,13 @@ def load_checkpoint(path: str | Path) -> dict:
         raise InputError(f"not a melo-dist checkpoint: {error}", path=path) from None
 
 
-def resumable_state(out: Path, config: dict) -> dict | None:
-    """The last checkpoint of the run in `out`, if any; one of another config is refused."""
-    if not (out / LAST).exists():
+def resumable_state(out: str | Path, config: dict) -> dict | None:
+    """The last checkpoint of the run in `out` (a URI: in its checked-out working copy), if
+    any; one of another config is refused, naming `out`."""
+    last = local_folder(out) / LAST
+    if not last.exists():
         return None
-    state = load_checkpoint(out / LAST)
+    state = load_checkpoint(last)
     saved, wanted = learning_settings(state["config"]), learning_settings(config)
     for section, values in wanted.items():
         for key, value in values.items():

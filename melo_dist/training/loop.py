@@ -29,6 +29,7 @@ from melo_dist.data.sampler import EpochSampler
 from melo_dist.data.tasks import TaskBatch
 from melo_dist.runtime import log as log_to_stderr
 from melo_dist.runtime import prepare_process
+from melo_dist.storage import checked_out, publish
 from melo_dist.training.checkpoint import (
     best_record,
     keep_metrics_until,
@@ -155,8 +156,8 @@ def train_local(
     prepare_process(config.run.threads)
     data = load_dataset(config.data)
     run = TrainingRun(config, data)
-    out = Path(config.run.out)
-    state = resumable_state(out, config.to_dict())
+    out = checked_out(config.run.out)  # a URI: its files in a local working copy
+    state = resumable_state(config.run.out, config.to_dict())
     if state is not None:
         run.load_state_dict(state)
         keep_metrics_until(out, run.iteration)
@@ -164,16 +165,23 @@ def train_local(
     sampler = EpochSampler(data.train, data.spec, config.run.seed, config.meta.tasks_per_batch)
     write_config(out, config.to_dict())
     stop = StopRequest(max_minutes)
+
+    def save(losses: list[float], seconds: float) -> dict:
+        record = run.checkpoint(out, losses, seconds)
+        publish(config.run.out)
+        return record
+
     main_thread = threading.current_thread() is threading.main_thread()
     with stop.signals() if main_thread else nullcontext():
         train(
             run,
             sampler.batches(run.iteration),
-            save=lambda losses, seconds: run.checkpoint(out, losses, seconds),
+            save=save,
             log=log,
             stop=stop,
             progress=progress,
         )
+    publish(config.run.out)  # with the TensorBoard events written out at the end
     if stop.signum is not None:
         raise Interrupted(stop.signum, run.iteration, out)
     if run.iteration < config.optim.iterations:

@@ -20,6 +20,7 @@ from melo_dist.data.seeds import derive_seed
 from melo_dist.data.tasks import TaskBatch
 from melo_dist.errors import InputError
 from melo_dist.meta import build_learner, meta_step
+from melo_dist.storage import local_folder
 from melo_dist.training.baselines import bias_statistics, item_factors
 from melo_dist.training.checkpoint import (
     BEST,
@@ -145,7 +146,8 @@ class TrainingRun:
         if self.events is None:  # opened by the first record: only the validating rank writes
             from tensorboardX import SummaryWriter
 
-            self.events = SummaryWriter(str(Path(self.config.run.out) / TENSORBOARD), flush_secs=5)
+            folder = local_folder(self.config.run.out) / TENSORBOARD  # pushed with the run
+            self.events = SummaryWriter(str(folder), flush_secs=5)
         for key in EVENT_SCALARS:
             self.events.add_scalar(key.replace("_", "/", 1), record[key], record["iteration"])
 

@@ -1,0 +1,82 @@
+"""Data and run folders at URIs (pyarrow.fs): prepare into one, train from and into one, resume
+from what is there, and refuse what prepare did not write. file:// URIs take the same code path
+as s3:// or gs:// ones (copies through pyarrow.fs, never the path itself)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from conftest import tiny_config
+
+from melo_dist.cli import main
+from melo_dist.storage import local_dataset, local_folder
+from melo_dist.training.checkpoint import BEST, LAST, METRICS, load_checkpoint, read_metrics
+from melo_dist.training.evaluation import evaluate_checkpoints
+from melo_dist.training.loop import train_local
+
+PREPARE = ["prepare", "--source", "synthetic", "--synthetic-users", "300", "--synthetic-items"]
+
+
+def test_prepare_writes_a_dataset_at_a_uri_and_refuses_other_folders(tmp_path, capsys):
+    remote = tmp_path / "bucket" / "data"
+    uri = remote.as_uri()
+    assert main([*PREPARE, "200", "--out", uri]) == 0
+    assert (remote / "manifest.json").is_file() and (remote / "tasks-train.parquet").is_file()
+    assert main([*PREPARE, "200", "--out", uri]) == 2  # not empty: --overwrite needed
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*PREPARE, "150", "--out", uri, "--overwrite"]) == 0
+    other = tmp_path / "bucket" / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    assert main([*PREPARE, "200", "--out", other.as_uri(), "--overwrite"]) == 2
+    assert "left untouched" in capsys.readouterr().err
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    local = local_dataset(uri)  # a copy in the cache, not the folder itself
+    assert (
+        local != remote
+        and (local / "manifest.json").read_bytes() == (remote / "manifest.json").read_bytes()
+    )
+
+
+def test_training_reads_and_writes_uris_and_resumes_from_what_is_there(synthetic_dir, tmp_path):
+    remote_data = tmp_path / "bucket" / "data"
+    shutil.copytree(synthetic_dir, remote_data)
+    remote_run = tmp_path / "bucket" / "runs" / "tiny"
+    config = tiny_config(remote_data.as_uri(), remote_run.as_uri(), iterations=4)
+    train_local(config, log=lambda message: None, max_minutes=1e-5)  # stops after iteration 1
+    assert {LAST, METRICS, "config.yaml", "tensorboard"} <= {p.name for p in remote_run.iterdir()}
+    shutil.rmtree(local_folder(config.run.out))  # another machine: only the URI has the run
+    messages = []
+    train_local(config, log=messages.append)
+    assert "resuming" in messages[0] and "at iteration 1" in messages[0]
+    assert [r["iteration"] for r in read_metrics(remote_run)] == [1, 2, 4]
+    assert load_checkpoint(f"{remote_run.as_uri()}/{LAST}")["iteration"] == 4
+    assert load_checkpoint(remote_run.as_uri())["iteration"] in (1, 2, 4)  # best.pt
+    (scores,) = evaluate_checkpoints([remote_run.as_uri()], "test", references=False).values()
+    assert scores["users"] > 0
+
+
+def test_a_uri_without_a_dataset_is_an_error_naming_it(tmp_path, capsys):
+    empty = (tmp_path / "nothing").as_uri()
+    args = ["train", "--set", f"data.path={empty}", "--set", f"run.out={tmp_path / 'run'}"]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert empty in error and "manifest.json" in error
+    assert main(["evaluate", "--checkpoint", "unknown://bucket/run"]) == 2
+    assert "unknown://bucket/run" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ray_training_reads_and_writes_uris(ray_session, synthetic_dir, tmp_path):
+    from melo_dist.distributed.train import fit
+
+    remote_data = tmp_path / "bucket" / "data"
+    shutil.copytree(synthetic_dir, remote_data)
+    remote_run = tmp_path / "bucket" / "runs" / "ray"
+    config = tiny_config(remote_data.as_uri(), remote_run.as_uri(), iterations=2)
+    best = fit(config, workers=2, cpus_per_worker=0.5)
+    assert best["iteration"] == 2
+    assert {BEST, LAST, METRICS, "config.yaml", "ray-checkpoints"} <= {
+        p.name for p in remote_run.iterdir()
+    }
