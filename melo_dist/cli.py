@@ -119,8 +119,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise InputError(f"--workers must be 0 (in-process) or more, got {args.workers}")
     if args.max_failures < 0:
         raise InputError(f"--max-failures must be 0 or more, got {args.max_failures}")
-    if args.max_minutes is not None and (args.max_minutes <= 0 or args.workers):
-        raise InputError("--max-minutes takes minutes > 0, for in-process training (--workers 0)")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        raise InputError(f"--max-minutes takes minutes > 0, got {args.max_minutes:g}")
     out = Path(config.run.out)
     changed = ", ".join(config.changed_settings()) or "none"
     log(f"training {out} ({CONFIG} there): settings that differ from the reference's: {changed}")
@@ -144,6 +144,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                 config,
                 args.workers,
                 progress=line,
+                max_minutes=args.max_minutes,
                 cpus_per_worker=args.cpus_per_worker,
                 use_gpu=args.use_gpu,
                 storage_path=args.storage,

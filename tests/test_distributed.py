@@ -27,7 +27,8 @@ from melo_dist.distributed.train import (
     training_users,
 )
 from melo_dist.report.build import write_report
-from melo_dist.training.checkpoint import LAST, load_checkpoint
+from melo_dist.training.checkpoint import LAST, load_checkpoint, read_metrics
+from melo_dist.training.loop import Interrupted
 
 pytestmark = pytest.mark.slow
 
@@ -169,6 +170,31 @@ def test_training_survives_losing_a_node(synthetic_dir, tmp_path):
     assert summary["resumed_from"] > 0  # the new worker group continued from a checkpoint
     assert summary["iterations"] == sorted(set(summary["iterations"]))
     assert summary["iterations"][-1] == 8
+
+
+def test_sigterm_stops_ray_workers_with_a_checkpoint_of_the_current_iteration(
+    ray_session, synthetic_dir, tmp_path
+):
+    """As in-process: the workers finish their iteration, rank 0 writes its checkpoint (no
+    validation boundary is near), the driver exits 143, and the same command resumes there."""
+    out = tmp_path / "run"
+    config = tiny_config(synthetic_dir, out, iterations=100, validate_every=100)
+    sent = []
+
+    def terminate_once_training(event: dict) -> None:  # (the forwarder thread)
+        if event["event"] == "iteration" and event["iteration"] >= 3 and not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))
+
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted, match="stopped by SIGTERM at iteration") as stopped:
+        fit(config, workers=2, cpus_per_worker=0.5, progress=terminate_once_training)
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == handler
+    stop = load_checkpoint(out / LAST)["iteration"]
+    assert 3 <= stop < 100 and [r["iteration"] for r in read_metrics(out)] == [stop]
+    best = fit(config, workers=2, cpus_per_worker=0.5)
+    assert best["resumed_from"] == stop
+    assert [r["iteration"] for r in read_metrics(out)] == [stop, 100]
 
 
 def test_ray_refuses_to_resume_a_run_of_another_config(

@@ -47,7 +47,7 @@ from melo_dist.training.checkpoint import (
     resumable_state,
     write_config,
 )
-from melo_dist.training.loop import train
+from melo_dist.training.loop import StopRequest, train
 from melo_dist.training.run import TrainingRun
 
 ROWS = ["user_id", "item_id", "rating"]
@@ -94,6 +94,34 @@ def in_lockstep(batches: Iterable[dict], device: torch.device) -> Iterator[dict]
         yield batch
 
 
+@ray.remote(num_cpus=0)
+class StopFlag:
+    """Set by the driver to stop the run after the current iteration (a signal, or
+    --max-minutes); rank 0 reads it every iteration."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+
+    def set(self) -> None:
+        self.stopping = True
+
+    def get(self) -> bool:
+        return self.stopping
+
+
+def stop_consensus(flag: Any, rank: int, device: torch.device) -> Callable[[], bool]:
+    """Whether to stop now: rank 0 asks the driver's flag and every rank learns its answer (one
+    tiny broadcast), so all ranks stop after the same iteration; without a flag, never."""
+
+    def stop() -> bool:
+        asked = torch.tensor([rank == 0 and ray.get(flag.get.remote())], device=device)
+        if distributed():
+            dist.broadcast(asked, src=0)
+        return bool(asked.item())
+
+    return stop if flag is not None else lambda: False
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """One Ray Train worker: the shared training loop on this rank's shard, gradients averaged
     across ranks; rank 0 validates and writes the checkpoint files, every rank reports."""
@@ -124,12 +152,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     batches = shard_batches(run, shard, config.meta.tasks_per_batch // world)
     queue = loop_config.get("progress")  # the driver's progress line, if it shows one
+    stop = stop_consensus(loop_config.get("stop"), rank, run.device)
     if rank != 0:
-        train(run, batches, save, reduce=average, log=lambda message: None)
+        train(run, batches, save, reduce=average, log=lambda message: None, stop=stop)
     elif queue is None:
-        train(run, batches, save, reduce=average, log=log)
+        train(run, batches, save, reduce=average, log=log, stop=stop)
     else:
-        train(run, batches, save, reduce=average, progress=queue.put)
+        train(run, batches, save, reduce=average, progress=queue.put, stop=stop)
 
 
 def shard_batches(run: TrainingRun, shard: Any, per_rank: int) -> Iterator[TaskBatch]:
@@ -188,6 +217,7 @@ def build_trainer(
     max_failures: int = 0,
     callbacks: list | None = None,
     progress: Queue | None = None,
+    stop: Any = None,
 ) -> TorchTrainer:
     """The TorchTrainer of one distributed run, named after the full path of config.run.out (no
     timestamp, so a restarted run finds its checkpoints; two runs called `run` in different
@@ -195,7 +225,7 @@ def build_trainer(
     run.out, so deleting a run folder starts that run over. A run folder or Ray checkpoint of
     another config is refused, as in-process training refuses it. `callbacks`: Ray Train
     callbacks (a Tune trial passes `TuneReportCallback`). `progress`: a queue rank 0 puts its
-    progress events on, for the driver to show."""
+    progress events on, for the driver to show. `stop`: a `StopFlag` the ranks stop on."""
     config.check_training()
     config.check_workers(workers)
     config = Config.from_dict(config.to_dict())  # paths are made absolute below: work on a copy
@@ -229,7 +259,7 @@ def build_trainer(
     config.run.threads = max(1, round(cpus_per_worker))  # Ray sets 1 thread; use the CPUs given
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "progress": progress},
+        train_loop_config={"config": config.to_dict(), "progress": progress, "stop": stop},
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
         ),
@@ -248,16 +278,25 @@ def fit(
     config: Config,
     workers: int,
     progress: Callable[[dict], None] | None = None,
+    max_minutes: float | None = None,
     **settings: Any,
 ) -> dict:
     """Meta-train on Ray (`settings`: those of `build_trainer`); copies the final checkpoint
     files into config.run.out and returns the best validation record, with `resumed_from`: the
     iteration the last worker group started from (> 0 after a recovery or a resume).
-    `progress` gets rank 0's progress events, in this process, while the workers train."""
+    `progress` gets rank 0's progress events, in this process, while the workers train.
+    As in-process: SIGINT/SIGTERM (in the main thread) and `max_minutes` stop the workers after
+    the current iteration with its checkpoint written; a signal then raises `Interrupted`."""
+    stop, flag = StopRequest(max_minutes), StopFlag.remote()
     with forwarded(progress) as queue:
-        trainer = build_trainer(config, workers, progress=queue, **settings)
+        trainer = build_trainer(config, workers, progress=queue, stop=flag, **settings)
         write_config(local_folder(config.run.out), config.to_dict())
-        result = trainer.fit()
+        if threading.current_thread() is threading.main_thread():
+            with stop.signals():
+                result = fit_until(trainer, stop, flag)
+        else:  # a Tune trial: Tune stops it
+            result = trainer.fit()
+    ray.kill(flag)
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint: {result.error}")
     out = local_folder(config.run.out)
@@ -267,7 +306,33 @@ def fit(
             if (Path(folder) / name).exists():
                 shutil.copy2(Path(folder) / name, out / name)
     publish(config.run.out)
+    stop.conclude(result.metrics["iteration"], config.optim.iterations, config.run.out, log)
     return {**best_record(out), "resumed_from": result.metrics.get("resumed_from", 0)}
+
+
+def fit_until(trainer: TorchTrainer, stop: StopRequest, flag: Any) -> Any:
+    """`trainer.fit()` in a thread, while this (main) thread turns a stop request into the
+    workers' flag: Ray's own SIGINT handler (which it installs only in the main thread) would
+    abort the workers without a checkpoint."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # re-raised in the main thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="ray-train-fit", daemon=True)
+    thread.start()
+    asked = False
+    while thread.is_alive():
+        thread.join(timeout=0.2)
+        if not asked and stop():
+            ray.get(flag.set.remote())
+            asked = True
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 @contextmanager

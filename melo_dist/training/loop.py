@@ -106,7 +106,7 @@ def train(
 class Interrupted(Exception):
     """Training stopped on a signal after writing the checkpoint of its last iteration."""
 
-    def __init__(self, signum: int, iteration: int, out: Path) -> None:
+    def __init__(self, signum: int, iteration: int, out: str | Path) -> None:
         self.exit_code = 128 + signum
         super().__init__(
             f"stopped by {signal.Signals(signum).name} at iteration {iteration}, checkpoint "
@@ -119,6 +119,7 @@ class StopRequest:
     second one aborts at once), or once `max_minutes` of wall time have passed."""
 
     def __init__(self, max_minutes: float | None = None) -> None:
+        self.max_minutes = max_minutes
         self.deadline = None if not max_minutes else time.monotonic() + 60 * max_minutes
         self.signum: int | None = None
 
@@ -126,6 +127,15 @@ class StopRequest:
         return self.signum is not None or (
             self.deadline is not None and time.monotonic() >= self.deadline
         )
+
+    def conclude(
+        self, iteration: int, total: int, out: str | Path, log: Callable[[str], None]
+    ) -> None:
+        """After training: a signal raises `Interrupted`; a stop on the budget is logged."""
+        if self.signum is not None:
+            raise Interrupted(self.signum, iteration, out)
+        if iteration < total:
+            log(f"stopped at iteration {iteration}: --max-minutes {self.max_minutes} reached")
 
     @contextmanager
     def signals(self) -> Iterator[None]:
@@ -182,8 +192,5 @@ def train_local(
             progress=progress,
         )
     publish(config.run.out)  # with the TensorBoard events written out at the end
-    if stop.signum is not None:
-        raise Interrupted(stop.signum, run.iteration, out)
-    if run.iteration < config.optim.iterations:
-        log(f"stopped at iteration {run.iteration}: --max-minutes {max_minutes} reached")
+    stop.conclude(run.iteration, config.optim.iterations, config.run.out, log)
     return best_record(out)
