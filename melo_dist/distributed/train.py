@@ -28,6 +28,7 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, get_device
 from ray.util.queue import Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from melo_dist.config import Config
 from melo_dist.console import hide_ray_notices
@@ -92,6 +93,12 @@ def in_lockstep(batches: Iterable[dict], device: torch.device) -> Iterator[dict]
         elif batch is None:
             return
         yield batch
+
+
+def on_this_node() -> NodeAffinitySchedulingStrategy:
+    """For the driver's helper actors: on its node they live as long as the run, whichever
+    worker node is lost."""
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 @ray.remote(num_cpus=0)
@@ -287,7 +294,8 @@ def fit(
     `progress` gets rank 0's progress events, in this process, while the workers train.
     As in-process: SIGINT/SIGTERM (in the main thread) and `max_minutes` stop the workers after
     the current iteration with its checkpoint written; a signal then raises `Interrupted`."""
-    stop, flag = StopRequest(max_minutes), StopFlag.remote()
+    stop = StopRequest(max_minutes)
+    flag = StopFlag.options(scheduling_strategy=on_this_node()).remote()
     with forwarded(progress) as queue:
         trainer = build_trainer(config, workers, progress=queue, stop=flag, **settings)
         write_config(local_folder(config.run.out), config.to_dict())
@@ -343,7 +351,7 @@ def forwarded(progress: Callable[[dict], None] | None) -> Iterator[Queue | None]
     if progress is None:
         yield None
         return
-    queue = Queue(actor_options={"num_cpus": 0})
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": on_this_node()})
     done = threading.Event()
 
     def forward() -> None:
