@@ -2,6 +2,10 @@
 
     .venv/bin/python results/study.py results/plans/ml1m-subset.yaml
 
+The runs are a Ray Tune grid, each trial one full training run (run.threads CPUs), as many at
+once as the Ray cluster has CPUs (RAY_ADDRESS joins one; `--storage` keeps Tune's state there);
+the basic runs go first, since their embeddings start MAML and MELO.
+
 Resumable in parts: every finished run leaves a small record in results/<plan>/runs/<run>.json
 (its test metrics, its validation curve, the git commit and the code's tree hash), committed
 with the results. Re-running the command skips runs whose record was made by the same code and
@@ -23,12 +27,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
+from ray import cloudpickle, tune
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from melo_dist.config import load_config, read_yaml  # noqa: E402
+from melo_dist.config import Config, load_config, read_yaml  # noqa: E402
 from melo_dist.data.dataset import load_dataset  # noqa: E402
 from melo_dist.data.prepare import PrepareSettings, prepare  # noqa: E402
 from melo_dist.data.readers import read_ratings  # noqa: E402
@@ -40,7 +46,10 @@ from melo_dist.training.evaluation import (  # noqa: E402
     evaluate_checkpoints,
     reference_points,
 )
-from melo_dist.training.loop import Interrupted, train_local  # noqa: E402
+from melo_dist.training.loop import train_local  # noqa: E402
+
+if __name__ != "__main__":  # imported (tests): Ray's workers get these functions by value
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 REFERENCES = ("global mean", "item mean", "support mean", "bias model", "factor model")
 REGIMES = ("basic", "maml", "melo")
@@ -120,6 +129,14 @@ def done(run: dict, records_dir: Path, version: dict) -> bool:
     return (made["code"], made["settings"]) == (version["code"], run["settings"])
 
 
+def run_config(plan: dict, run: dict, data: Path, work: Path) -> Config:
+    in_work = [  # folders named in the settings are inside the work folder
+        f"{key}={work / value}" if key in ("run.out", "run.init_from") else f"{key}={value}"
+        for key, value in (setting.split("=", 1) for setting in run["settings"])
+    ]
+    return load_config(ROOT / plan["config"], [f"data.path={data}", *in_work])
+
+
 def train_and_score(plan: dict, run: dict, data: Path, work: Path, version: dict) -> dict:
     out = work / run["name"]
     stamp = out / "study-code.txt"  # a run folder of other code is started over, not resumed
@@ -128,11 +145,7 @@ def train_and_score(plan: dict, run: dict, data: Path, work: Path, version: dict
     out.mkdir(parents=True, exist_ok=True)
     stamp.write_text(version["code"])
     settings = run["settings"]
-    in_work = [  # folders named in the settings are inside the work folder
-        f"{key}={work / value}" if key in ("run.out", "run.init_from") else f"{key}={value}"
-        for key, value in (setting.split("=", 1) for setting in settings)
-    ]
-    config = load_config(ROOT / plan["config"], [f"data.path={data}", *in_work])
+    config = run_config(plan, run, data, work)
     started = time.perf_counter()
     best = train_local(config, log=lambda message: print(f"  {run['name']}: {message}"))
     seconds = time.perf_counter() - started
@@ -174,10 +187,13 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def write_tables(plan_path: Path, plan: dict, records: list[dict], refs: dict) -> None:
+def write_tables(
+    plan_path: Path, plan: dict, records: list[dict], refs: dict, results: Path
+) -> None:
     """results/<plan>.md and .json, from the run records alone."""
     name = plan_path.stem
-    command = f".venv/bin/python results/study.py {plan_path.relative_to(ROOT)}"
+    shown = plan_path.relative_to(ROOT) if plan_path.is_relative_to(ROOT) else plan_path
+    command = f".venv/bin/python results/study.py {shown}"
     machine = {
         "command": command,
         "commit": records[0]["commit"],
@@ -189,7 +205,7 @@ def write_tables(plan_path: Path, plan: dict, records: list[dict], refs: dict) -
         ],
         "references": refs,
     }
-    (ROOT / "results" / f"{name}.json").write_text(json.dumps(machine, indent=1) + "\n")
+    (results / f"{name}.json").write_text(json.dumps(machine, indent=1) + "\n")
     classes = sorted({c for r in records for c in r["rmse_by_class"]}, key=float)
     cpu_hours = sum(r["train_seconds"] * r["threads"] for r in records) / 3600
     lines = [
@@ -247,53 +263,106 @@ def write_tables(plan_path: Path, plan: dict, records: list[dict], refs: dict) -
         )
     if plan.get("findings"):
         lines += ["", f"Findings, written by hand from these figures: `{plan['findings']}`."]
-    (ROOT / "results" / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (results / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
+def study_trial(params: dict, plan: dict, data: str, work: str, version: dict) -> None:
+    """One Tune trial: one run, trained (or resumed) and scored; its record is the result."""
+    record = train_and_score(plan, params["run"], Path(data), Path(work), version)
+    tune.report({"record": json.dumps(record)})
+
+
+class Records(tune.Callback):
+    """Writes each run's record in this process as soon as its trial reports it."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        record = json.loads(result["record"])
+        (self.folder / f"{record['name']}.json").write_text(json.dumps(record, indent=1) + "\n")
+        minutes = record["train_seconds"] / 60
+        print(f"  {record['name']}: test RMSE {record['rmse']:.4f} ({minutes:.0f} min)", flush=True)
+
+
+def run_grid(
+    plan: dict, todo: list[dict], data: Path, work: Path, version: dict, records: Path, storage: str
+) -> None:
+    """The runs as Ray Tune grids of one trial a run: the basic runs, then the others."""
+    threads = max(1, run_config(plan, todo[0], data, work).run.threads)
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            study_trial, plan=plan, data=str(data), work=str(work), version=version
+        ),
+        {"cpu": threads},
+    )
+    for phase in ("basic", "meta"):
+        runs = [run for run in todo if (run["regime"] == "basic") == (phase == "basic")]
+        if not runs:
+            continue
+        print(f"{phase} runs: {', '.join(run['name'] for run in runs)}", flush=True)
+        grid = tune.Tuner(
+            trainable,
+            param_space={"run": tune.grid_search(runs)},
+            tune_config=tune.TuneConfig(trial_dirname_creator=lambda t: t.config["run"]["name"]),
+            run_config=tune.RunConfig(
+                name=f"{work.name}-{phase}-{time.strftime('%Y%m%d-%H%M%S')}",
+                storage_path=storage,
+                callbacks=[Records(records)],
+                verbose=0,
+            ),
+        ).fit()
+        failed = [result for result in grid if result.error is not None]
+        if failed:
+            raise SystemExit(f"study: {len(failed)} run(s) failed; the first: {failed[0].error}")
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("plan", help="a plan YAML under results/plans/")
     parser.add_argument("--work", help="run folders (default: runs/study/<plan>)")
-    parser.add_argument(
-        "--only", default="", help="run only runs whose name contains this (parallel parts)"
-    )
-    args = parser.parse_args()
+    parser.add_argument("--only", default="", help="run only runs whose name contains this")
+    parser.add_argument("--storage", help="Tune's experiment state (default: <work>/tune)")
+    parser.add_argument("--results", default=str(ROOT / "results"), help="records and tables")
+    args = parser.parse_args(argv)
     plan_path = Path(args.plan).resolve()
     plan = read_yaml(plan_path)
     work = Path(args.work or ROOT / "runs" / "study" / plan_path.stem).resolve()
-    records_dir = ROOT / "results" / plan_path.stem / "runs"
+    results = Path(args.results).resolve()
+    records_dir = results / plan_path.stem / "runs"
     records_dir.mkdir(parents=True, exist_ok=True)
     version = code_version()
     if version["dirty"]:
         sys.exit("study: commit the code first (melo_dist/, configs/ or the plan has changes)")
     runs = planned_runs(plan)
     todo = [run for run in runs if args.only in run["name"] and not done(run, records_dir, version)]
-    estimate = sum(
-        run["iterations"] * plan["seconds_per_iteration"][f"{run['backbone']} {run['regime']}"]
-        for run in todo
+    cpu_hours = (
+        sum(
+            run["iterations"] * plan["seconds_per_iteration"][f"{run['backbone']} {run['regime']}"]
+            for run in todo
+        )
+        / 3600
     )
-    hours = estimate / 3600
-    print(f"study {plan_path.stem}: {len(runs)} runs, {len(todo)} to do, about {hours:.1f} h")
     torch.set_num_threads(1)  # scoring; training sets its own threads (run.threads)
     data = dataset(plan, work)
-    for run in todo:
-        if done(run, records_dir, version):  # a parallel part finished it meanwhile
-            continue
-        print(f"run {run['name']} ({run['iterations']} iterations)", flush=True)
-        try:
-            record = train_and_score(plan, run, data, work, version)
-        except Interrupted as stopped:  # Ctrl-C / SIGTERM: the run's checkpoint is written
-            print(f"  {run['name']}: {stopped}", flush=True)
-            raise SystemExit(stopped.exit_code) from None
-        (records_dir / f"{run['name']}.json").write_text(json.dumps(record, indent=1) + "\n")
-        print(f"  {run['name']}: test RMSE {record['rmse']:.4f}", flush=True)
+    if todo:
+        if not ray.is_initialized():  # the trials import this checkout's melo_dist
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}}, log_to_driver=False)
+        cpus = ray.cluster_resources().get("CPU", 1.0)
+        print(
+            f"study {plan_path.stem}: {len(runs)} runs, {len(todo)} to do, about "
+            f"{cpu_hours:.1f} CPU-hours: about {cpu_hours / max(1.0, cpus):.1f} h on "
+            f"{cpus:g} CPUs",
+            flush=True,
+        )
+        run_grid(plan, todo, data, work, version, records_dir, args.storage or str(work / "tune"))
     missing = [run["name"] for run in runs if not done(run, records_dir, version)]
     if missing:
         print(f"{len(missing)} runs still to do ({', '.join(missing)}); tables not written")
         return
     records = [json.loads((records_dir / f"{run['name']}.json").read_text()) for run in runs]
-    write_tables(plan_path, plan, records, references(data))
-    print(f"wrote results/{plan_path.stem}.md and .json")
+    write_tables(plan_path, plan, records, references(data), results)
+    print(f"wrote {results / plan_path.stem}.md and .json")
 
 
 if __name__ == "__main__":

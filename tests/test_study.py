@@ -1,0 +1,80 @@
+"""results/study.py: a plan's runs as a Ray Tune grid (basic first), a record per finished run,
+tables written from the records, and a re-run that trains nothing it has a record for."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import shared_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("study", ROOT / "results" / "study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["study"] = module  # a module Ray can pickle its functions from, by value
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["study"]
+
+
+def test_a_plan_runs_as_a_tune_grid_and_resumes_from_its_records(
+    ray_session, study, tmp_path, monkeypatch, capsys
+):
+    shared_file("ml-100k/u.data")
+    # the records of uncommitted code are refused outside tests; here the code is pinned
+    version = {"commit": "0" * 40, "code": "test", "dirty": False}
+    monkeypatch.setattr(study, "code_version", lambda: version)
+    tiny = [
+        "model.dim=8", "model.heads=2", "model.max_length=10", "model.user_factors=2",
+        "data.window=10", "data.support=4", "data.query=2", "data.valid_users=30",
+        "meta.tasks_per_batch=4", "meta.multi_step_iterations=2", "run.validate_every=2",
+        "run.threads=1",
+    ]  # fmt: skip
+    plan = {
+        "title": "tiny",
+        "data": {
+            "source": "movielens",
+            "file": "ml-100k/u.data",
+            "prepare": {"protocol": "melo", "test_users": 50},
+        },
+        "config": "configs/ml1m-subset.yaml",
+        "set": tiny,
+        "budget": "4 iterations.",
+        "runs": [
+            {
+                "backbones": ["gru4rec"],
+                "regimes": ["basic", "maml"],
+                "seeds": [0],
+                "iterations": 4,
+                "basic_iterations": 4,
+            }
+        ],
+        "seconds_per_iteration": {"gru4rec basic": 0.1, "gru4rec maml": 0.1},
+    }
+    plan_path = tmp_path / "tiny.yaml"
+    plan_path.write_text(json.dumps(plan))  # YAML is a superset of JSON
+    args = [str(plan_path), "--work", str(tmp_path / "work"), "--results", str(tmp_path)]
+    study.main(args)
+    out = capsys.readouterr().out
+    assert "basic runs: basic-gru4rec-s0" in out and "meta runs: maml-gru4rec-s0" in out
+    records = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "tiny" / "runs").glob("*")}
+    assert set(records) == {"basic-gru4rec-s0", "maml-gru4rec-s0"}
+    assert all(math.isfinite(r["rmse"]) and r["code"] == "test" for r in records.values())
+    assert "run.init_from=basic-gru4rec-s0/best.pt" in records["maml-gru4rec-s0"]["settings"]
+    table = json.loads((tmp_path / "tiny.json").read_text())
+    assert sorted(r["rmse"] for r in table["runs"]) == sorted(r["rmse"] for r in records.values())
+    assert "bias model" in table["references"] and (tmp_path / "tiny.md").is_file()
+
+    study.main(args)  # every run has its record: nothing trains, the tables are rewritten
+    out = capsys.readouterr().out
+    assert "runs:" not in out and "wrote" in out
