@@ -9,6 +9,7 @@ import shutil
 import pytest
 from conftest import tiny_config
 
+from melo_dist import ColdStartModel
 from melo_dist.cli import main
 from melo_dist.storage import local_dataset, local_folder
 from melo_dist.training.checkpoint import BEST, LAST, METRICS, load_checkpoint, read_metrics
@@ -55,6 +56,8 @@ def test_training_reads_and_writes_uris_and_resumes_from_what_is_there(synthetic
     assert load_checkpoint(remote_run.as_uri())["iteration"] in (1, 2, 4)  # best.pt
     (scores,) = evaluate_checkpoints([remote_run.as_uri()], "test", references=False).values()
     assert scores["users"] > 0
+    model = ColdStartModel.load(remote_run.as_uri())  # the dataset too comes from its URI
+    assert model.iteration == load_checkpoint(remote_run.as_uri())["iteration"]
 
 
 def test_a_uri_without_a_dataset_is_an_error_naming_it(tmp_path, capsys):

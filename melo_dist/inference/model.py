@@ -30,6 +30,7 @@ from melo_dist.data.dataset import window_spec
 from melo_dist.data.tasks import TaskRows, sample_tasks
 from melo_dist.errors import InputError
 from melo_dist.meta import MetaLearner, learner_from_state
+from melo_dist.storage import local_dataset
 from melo_dist.training.checkpoint import checkpoint_path, load_checkpoint, manifest_hash
 
 
@@ -109,7 +110,7 @@ class ColdStartModel:
         trained on (default: the one named in its config), checked by its manifest hash."""
         path = checkpoint_path(checkpoint)
         state = load_checkpoint(path)
-        data_path = Path(data if data is not None else state["config"]["data"]["path"])
+        data_path = local_dataset(data if data is not None else state["config"]["data"]["path"])
         if not (data_path / "manifest.json").is_file():
             raise InputError(
                 "the checkpoint's prepared dataset is not there (its item map is needed); "

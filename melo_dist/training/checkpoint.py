@@ -69,7 +69,11 @@ def write_config(out: str | Path, config: dict) -> None:
 
 
 def checkpoint_path(path: str | Path) -> Path:
-    """A checkpoint file, or a run folder's best.pt (last.pt before the first improvement)."""
+    """A checkpoint file, or a run folder's best.pt (last.pt before the first improvement); at a
+    URI, the local copy of its run folder's file."""
+    if is_uri(path):  # its run folder, fetched
+        folder, _, name = str(path).rstrip("/").rpartition("/")
+        path = checked_out(folder) / name if name.endswith(".pt") else checked_out(str(path))
     path = Path(path)
     if path.is_dir():
         return path / BEST if (path / BEST).exists() else path / LAST
@@ -78,9 +82,6 @@ def checkpoint_path(path: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path) -> dict:
     """The state of a checkpoint file or run folder (`checkpoint_path`), local or at a URI."""
-    if is_uri(path):  # its run folder, fetched
-        folder, _, name = str(path).rstrip("/").rpartition("/")
-        path = checked_out(folder) / name if name.endswith(".pt") else checked_out(str(path))
     path = checkpoint_path(path)
     if not path.is_file():
         raise InputError("checkpoint not found", path=path)
