@@ -117,6 +117,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.set or [])
     if args.workers < 0:
         raise InputError(f"--workers must be 0 (in-process) or more, got {args.workers}")
+    if args.cpus_per_worker is not None and not args.cpus_per_worker > 0:
+        raise InputError(f"--cpus-per-worker must be > 0, got {args.cpus_per_worker:g}")
     if args.max_failures < 0:
         raise InputError(f"--max-failures must be 0 or more, got {args.max_failures}")
     if args.max_minutes is not None and args.max_minutes <= 0:

@@ -7,6 +7,7 @@ and a bad value is an error naming its key.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -144,6 +145,8 @@ class Config:
         """Every setting in its range, or an InputError naming the key (no traceback later)."""
         for key, minimum, inclusive in LOWER_BOUNDS:
             value = self.get(key)
+            if not math.isfinite(value):
+                raise InputError(f"config key {key} must be a finite number, got {value!r}")
             if value < minimum or (value == minimum and not inclusive):
                 expected = f"{'>=' if inclusive else '>'} {minimum}"
                 raise InputError(f"config key {key} must be {expected}, got {value!r}")

@@ -84,6 +84,7 @@ def ray_session():
     # as melo_dist.inference.serve.start_serve: Serve's proxy is slow to start on busy machines
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     ray.init(
+        address="local",  # its own instance, even where another Ray cluster runs on the machine
         num_cpus=2,
         object_store_memory=200 * 1024**2,
         include_dashboard=True,

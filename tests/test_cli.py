@@ -165,6 +165,13 @@ BAD_INPUTS = [
         ["--protocol", "melo", "--min-item-ratings", "1", "--min-user-ratings", "2"],
         "no training users",
     ),
+    ("negative seed", lambda d: write(d / "ratings.dat", GOOD_LINE), ["--seed", "-1"], "--seed"),
+    (
+        "no validation users",
+        lambda d: write(d / "ratings.dat", GOOD_LINE),
+        ["--valid-fraction", "0"],
+        "--valid-fraction",
+    ),
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import struct
 
@@ -18,7 +19,7 @@ from melo_dist.data.dataset import load_dataset
 from melo_dist.data.sampler import EpochSampler
 from melo_dist.errors import InputError
 from melo_dist.training.baselines import FACTOR_SHRINK, USER_SHRINK, bias_statistics, factor_fold_in
-from melo_dist.training.checkpoint import BEST, LAST, best_record, load_checkpoint
+from melo_dist.training.checkpoint import BEST, LAST, METRICS, best_record, load_checkpoint
 from melo_dist.training.evaluation import (
     Targets,
     collect_targets,
@@ -99,6 +100,35 @@ def test_a_run_folder_left_by_a_crash_resumes(synthetic_dir, tmp_path, capsys):
     (crashed / "metrics.jsonl").write_text('{"iteration": 3}\nnot json\n' + lines[-1] + "\n")
     with pytest.raises(InputError, match=r"metrics.jsonl:2: is not a metrics record"):
         best_record(crashed)
+
+
+def test_crashes_between_a_runs_first_writes_leave_it_consistent(synthetic_dir, tmp_path):
+    """A kill after the first record but before the first last.pt: the restart trains from
+    the start and counts that record once. A kill between an improving record's last.pt and
+    best.pt: the resume makes best.pt that state, so best.pt and the best record agree."""
+    straight = tmp_path / "straight"
+    train_local(tiny_config(synthetic_dir, straight, validate_every=3), log=lambda m: None)
+    records = (straight / METRICS).read_text().splitlines()
+
+    early = tmp_path / "early"  # the record of iteration 3 written, nothing else
+    early.mkdir()
+    (early / METRICS).write_text(records[0] + "\n")
+    train_local(tiny_config(synthetic_dir, early, validate_every=3), log=lambda m: None)
+    assert [json.loads(r)["iteration"] for r in (early / METRICS).read_text().splitlines()] == [
+        3,
+        6,
+    ]
+
+    late = tmp_path / "late"  # an improving iteration 6: record and last.pt written, not best.pt
+    with pytest.raises(Crash):
+        train_local(tiny_config(synthetic_dir, late, validate_every=3), log=crash_after_iteration_3)
+    assert load_checkpoint(late / BEST)["iteration"] == 3
+    shutil.copy(straight / LAST, late / LAST)
+    first, second = (json.loads(r) for r in records)
+    second["valid_rmse"] = first["valid_rmse"] - 0.1
+    (late / METRICS).write_text(json.dumps(first) + "\n" + json.dumps(second) + "\n")
+    train_local(tiny_config(synthetic_dir, late, validate_every=3), log=lambda m: None)
+    assert load_checkpoint(late / BEST)["iteration"] == best_record(late)["iteration"] == 6
 
 
 def test_sigterm_checkpoints_the_current_iteration_and_the_run_resumes(synthetic_dir, tmp_path):
@@ -186,6 +216,11 @@ def test_training_writes_checkpoints_and_improves(synthetic_dir, tmp_path):
     # a run folder holding another config is refused rather than silently mixed
     config.optim.lr = 0.5
     with pytest.raises(InputError, match=r"different config"):
+        train_local(config, log=lambda message: None)
+    # a run stopped before its first checkpoint: its config.yaml is checked too
+    for name in (LAST, BEST, METRICS):
+        (tmp_path / "run" / name).unlink()
+    with pytest.raises(InputError, match=r"optim.lr was 0.001, now 0.5"):
         train_local(config, log=lambda message: None)
 
 
@@ -310,19 +345,34 @@ def test_every_numeric_setting_is_range_checked_in_one_place():
         ("optim.encoder_lr=0", "optim.encoder_lr must be > 0"),
         ("data.valid_users=-1", "data.valid_users must be >= 0"),
         ("model.dim=30", "model.dim must be divisible by model.heads"),
+        ("optim.lr=nan", "optim.lr must be a finite number, got nan"),
+        ("meta.inner_lr=inf", "meta.inner_lr must be a finite number, got inf"),
+        ("meta.outer_balance=-0.5", "meta.outer_balance must be >= 0"),
     ],
 )
 def test_out_of_range_settings_exit_2_naming_the_key(tmp_path, capsys, setting, message):
     out = tmp_path / "run"
     assert main(["train", "--set", setting, "--set", f"run.out={out}"]) == 2
-    assert message in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert message in error and len(error.strip().splitlines()) == 1  # one line, no traceback
     assert not out.exists()
 
 
-@pytest.mark.parametrize("flag", [["--workers", "-1"], ["--workers", "2", "--max-failures", "-1"]])
+@pytest.mark.parametrize(
+    "flag",
+    [
+        ["--workers", "-1"],
+        ["--workers", "2", "--max-failures", "-1"],
+        ["--workers", "2", "--cpus-per-worker", "0"],
+        ["--max-minutes", "-1"],
+    ],
+)
 def test_negative_worker_flags_exit_2(tmp_path, capsys, flag):
-    assert main(["train", *flag, "--set", f"run.out={tmp_path / 'run'}"]) == 2
-    assert flag[-2] in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert main(["train", *flag, "--set", f"run.out={out}"]) == 2
+    error = capsys.readouterr().err
+    assert flag[-2] in error and len(error.strip().splitlines()) == 1
+    assert not out.exists()
 
 
 def scalar_tags(path) -> set[str]:

@@ -89,6 +89,10 @@ class PrepareSettings:
                 f"test_users must be a count >= 1, a fraction in (0, 1) or 0 (the protocol's), "
                 f"got {self.test_users}"
             )
+        if self.seed < 0 or self.window < 2:
+            raise InputError(
+                f"--seed must be >= 0 and --window >= 2, got {self.seed}, {self.window}"
+            )
         if not 0 < self.valid_fraction < 1:  # training validates on these users: none is an error
             raise InputError(
                 f"--valid-fraction must be in (0, 1), got {self.valid_fraction}: training selects "

@@ -46,6 +46,7 @@ from melo_dist.training.checkpoint import (
     best_record,
     load_checkpoint,
     resumable_state,
+    write_atomically,
     write_config,
 )
 from melo_dist.training.loop import StopRequest, train
@@ -137,7 +138,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     prepare_process(config.run.threads)
     run = TrainingRun(config, load_dataset(config.data), rank=rank, device=get_device())
-    staging = Path(tempfile.mkdtemp(prefix="melo-checkpoint-"))  # rank 0's checkpoint files
+    # rank 0's checkpoint files (Ray copies them to its storage at each report)
+    with tempfile.TemporaryDirectory(prefix="melo-checkpoint-") as staging:
+        train_rank(run, loop_config, Path(staging), world)
+
+
+def train_rank(run: TrainingRun, loop_config: dict, staging: Path, world: int) -> None:
+    """This rank's part of the run, from Ray's latest checkpoint if there is one."""
+    config, rank = run.config, run.rank
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
@@ -296,23 +304,25 @@ def fit(
     the current iteration with its checkpoint written; a signal then raises `Interrupted`."""
     stop = StopRequest(max_minutes)
     flag = StopFlag.options(scheduling_strategy=on_this_node()).remote()
-    with forwarded(progress) as queue:
-        trainer = build_trainer(config, workers, progress=queue, stop=flag, **settings)
-        write_config(local_folder(config.run.out), config.to_dict())
-        if threading.current_thread() is threading.main_thread():
-            with stop.signals():
-                result = fit_until(trainer, stop, flag)
-        else:  # a Tune trial: Tune stops it
-            result = trainer.fit()
-    ray.kill(flag)
+    try:
+        with forwarded(progress) as queue:
+            trainer = build_trainer(config, workers, progress=queue, stop=flag, **settings)
+            write_config(local_folder(config.run.out), config.to_dict())
+            if threading.current_thread() is threading.main_thread():
+                with stop.signals():
+                    result = fit_until(trainer, stop, flag)
+            else:  # a Tune trial: Tune stops it
+                result = trainer.fit()
+    finally:
+        ray.kill(flag)
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint: {result.error}")
     out = local_folder(config.run.out)
     with result.checkpoint.as_directory() as folder:
-        out.mkdir(parents=True, exist_ok=True)
-        for name in (LAST, BEST, METRICS):
+        for name in (METRICS, LAST, BEST):  # the record first, as the trainer writes them
             if (Path(folder) / name).exists():
-                shutil.copy2(Path(folder) / name, out / name)
+                content = (Path(folder) / name).read_bytes()
+                write_atomically(out / name, lambda stream, data=content: stream.write(data))
     publish(config.run.out)
     stop.conclude(result.metrics["iteration"], config.optim.iterations, config.run.out, log)
     return {**best_record(out), "resumed_from": result.metrics.get("resumed_from", 0)}

@@ -93,12 +93,18 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def resumable_state(out: str | Path, config: dict) -> dict | None:
     """The last checkpoint of the run in `out` (a URI: in its checked-out working copy), if
-    any; one of another config is refused, naming `out`."""
-    last = local_folder(out) / LAST
-    if not last.exists():
+    any. A folder whose checkpoint or config.yaml is of another config is refused, naming
+    `out`: config.yaml covers a run stopped before its first checkpoint reached the folder (a
+    Ray run copies its checkpoints there at the end; they resume from Ray's storage)."""
+    folder = local_folder(out)
+    if (folder / LAST).exists():
+        state = load_checkpoint(folder / LAST)
+        saved = state["config"]
+    elif (folder / CONFIG).exists():
+        state, saved = None, read_config(folder / CONFIG)
+    else:
         return None
-    state = load_checkpoint(last)
-    saved, wanted = learning_settings(state["config"]), learning_settings(config)
+    wanted, saved = learning_settings(config), learning_settings(saved)
     for section, values in wanted.items():
         for key, value in values.items():
             before = saved.get(section, {}).get(key)
@@ -109,6 +115,16 @@ def resumable_state(out: str | Path, config: dict) -> dict | None:
                     path=out,
                 )
     return state
+
+
+def read_config(path: Path) -> dict:
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise InputError(f"is not a run's config: {error}", path=path) from None
+    if not isinstance(saved, dict):
+        raise InputError("is not a run's config", path=path)
+    return saved
 
 
 def learning_settings(config: dict) -> dict:
@@ -154,9 +170,18 @@ def best_record(out: Path) -> dict:
     return min(read_metrics(out), key=lambda record: record["valid_rmse"])
 
 
-def keep_metrics_until(out: Path, iteration: int) -> None:
-    """On resume, drop metric lines past the checkpoint so no iteration is counted twice."""
-    if (out / METRICS).exists():
-        kept = [r for r in read_metrics(out) if r["iteration"] <= iteration]
-        text = "".join(json.dumps(r) + "\n" for r in kept)
-        write_atomically(out / METRICS, lambda stream: stream.write(text.encode()))
+def agree_with_checkpoint(out: Path, state: dict | None) -> None:
+    """Before training into `out` from `state` (None: from the start), undo what a crash
+    between a run's writes left: metric records past the checkpoint are dropped (the iterations
+    will be trained again), and a best.pt left behind by a crash between an improving record's
+    last.pt and best.pt is made last.pt's state."""
+    iteration = 0 if state is None else state["iteration"]
+    if not (out / METRICS).exists():
+        return
+    kept = [r for r in read_metrics(out) if r["iteration"] <= iteration]
+    text = "".join(json.dumps(r) + "\n" for r in kept)
+    write_atomically(out / METRICS, lambda stream: stream.write(text.encode()))
+    if state is None or not kept or min(kept, key=lambda r: r["valid_rmse"]) is not kept[-1]:
+        return
+    if not (out / BEST).exists() or load_checkpoint(out / BEST)["iteration"] != iteration:
+        save_checkpoint(out / BEST, state)

@@ -31,8 +31,8 @@ from melo_dist.runtime import log as log_to_stderr
 from melo_dist.runtime import prepare_process
 from melo_dist.storage import checked_out, publish
 from melo_dist.training.checkpoint import (
+    agree_with_checkpoint,
     best_record,
-    keep_metrics_until,
     resumable_state,
     write_config,
 )
@@ -170,8 +170,8 @@ def train_local(
     state = resumable_state(config.run.out, config.to_dict())
     if state is not None:
         run.load_state_dict(state)
-        keep_metrics_until(out, run.iteration)
-        log(f"resuming {out} at iteration {run.iteration}")
+        log(f"resuming {config.run.out} at iteration {run.iteration}")
+    agree_with_checkpoint(out, state)
     sampler = EpochSampler(data.train, data.spec, config.run.seed, config.meta.tasks_per_batch)
     write_config(out, config.to_dict())
     stop = StopRequest(max_minutes)

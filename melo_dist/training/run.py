@@ -120,7 +120,7 @@ class TrainingRun:
         """Validate, append the metrics record to `out`, then write last.pt (and best.pt when
         validation RMSE improved); returns the record. `seconds`: the training time of `losses`.
         Record first: a crash in between leaves a record past last.pt, which a resume drops
-        (`keep_metrics_until`), never a checkpoint without its record."""
+        (`agree_with_checkpoint`), never a checkpoint without its record."""
         metrics = self.validate()
         improved = metrics["rmse"] < self.best_rmse
         self.best_rmse = min(self.best_rmse, metrics["rmse"])
