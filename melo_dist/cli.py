@@ -63,6 +63,7 @@ def parse_range(text: str) -> tuple[float, float]:
 def cmd_prepare(args: argparse.Namespace) -> None:
     from melo_dist.data.prepare import prepare, sha256_file
     from melo_dist.data.statistics import format_statistics
+    from melo_dist.storage import is_uri, local_file
 
     settings = settings_from_flags(args, PrepareSettings)
     started = time.perf_counter()
@@ -79,19 +80,20 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         if args.path is None:
             raise InputError(f"--source {args.source} needs --path FILE")
         log(f"reading {args.path}")
-        ratings, fmt = read_ratings(
-            args.path,
-            args.source,
-            args.format,
-            parse_mapping(args.columns),
-            parse_range(args.rating_range),
-        )
-        path = Path(args.path)
+        with local_file(args.path) as path:  # a URI: a temporary local copy
+            ratings, fmt = read_ratings(
+                path,
+                args.source,
+                args.format,
+                parse_mapping(args.columns),
+                parse_range(args.rating_range),
+            )
+            digest = sha256_file(path)
         source = {
             "family": args.source,
             "format": fmt,
-            "path": str(path),
-            "sha256": sha256_file(path),
+            "path": args.path if is_uri(args.path) else str(Path(args.path)),
+            "sha256": digest,
         }
     manifest = prepare(ratings, args.out, settings, source, overwrite=args.overwrite, progress=log)
     print(format_statistics(manifest))

@@ -16,7 +16,7 @@ class InputError(Exception):
         line: int | None = None,
         column: str | None = None,
     ) -> None:
-        self.path, self.line, self.column = path, line, column
+        self.message, self.path, self.line, self.column = message, path, line, column
         where = str(path) if path is not None else ""
         if line is not None:
             where += f":{line}"

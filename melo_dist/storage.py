@@ -5,6 +5,7 @@ it through `pyarrow.fs`:
 - a prepared dataset at a URI is copied once into a local cache, keyed by its manifest's hash,
   by every process that reads it (Ray workers on other nodes fetch their own copy, so they
   need no shared mount);
+- a file read at a URI (`prepare --path`) is copied to a temporary file first;
 - a folder written at a URI (`prepare --out`, `run.out`) is written in a local working copy
   and copied up with `push`; the manifest or the metrics record goes last, so a reader never
   sees a half-written dataset or a metrics record ahead of its checkpoint.
@@ -16,6 +17,8 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -80,6 +83,30 @@ def local_dataset(path: str | Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return local
+
+
+@contextmanager
+def local_file(path: str | Path) -> Iterator[Path]:
+    """A local path for the file at `path`: the path itself, or for a URI a temporary copy
+    under the same name (readers recognise formats by it), removed afterwards."""
+    if not is_uri(path):
+        yield Path(path)
+        return
+    fs, name = filesystem(str(path))
+    if fs.get_file_info(name).type != pafs.FileType.File:
+        raise InputError("file not found", path=path)
+    with tempfile.TemporaryDirectory(prefix="melo-input-") as folder:
+        local = Path(folder) / name.rstrip("/").rsplit("/", 1)[-1]
+        with fs.open_input_stream(name) as source, local.open("wb") as sink:
+            shutil.copyfileobj(source, sink)
+        try:
+            yield local
+        except InputError as error:  # name the file at the URI, not its copy
+            if error.path is None or Path(error.path) != local:
+                raise
+            raise InputError(
+                error.message, path=path, line=error.line, column=error.column
+            ) from None
 
 
 def local_folder(path: str | Path) -> Path:

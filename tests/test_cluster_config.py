@@ -51,6 +51,14 @@ def test_cluster_yaml_shape():
     assert (rule["FromPort"], rule["ToPort"]) == (22, 22)
     ranges = [r["CidrIp"] for r in rule["IpRanges"]]
     assert ranges and "0.0.0.0/0" not in ranges
+    # token authentication on every node, with one token shared by the nodes and the job CLI
+    for commands in (cluster["head_start_ray_commands"], cluster["worker_start_ray_commands"]):
+        start = next(c for c in commands if " start " in c)
+        assert start.startswith("RAY_AUTH_MODE=token ")
+    assert cluster["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    assert "disabled" not in (ROOT / "cluster.yaml").read_text()
+    # the head takes part: Ray Data's reads and small jobs need CPUs there
+    assert types[cluster["head_node_type"]]["resources"]["CPU"] > 0
 
 
 def test_rayjob_manifest_runs_the_train_job_entry_point_with_auth_and_shared_storage():

@@ -4,6 +4,7 @@ as s3:// or gs:// ones (copies through pyarrow.fs, never the path itself)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -83,3 +84,20 @@ def test_ray_training_reads_and_writes_uris(ray_session, synthetic_dir, tmp_path
     assert {BEST, LAST, METRICS, "config.yaml", "ray-checkpoints"} <= {
         p.name for p in remote_run.iterdir()
     }
+
+
+def test_prepare_reads_its_input_file_from_a_uri_and_names_it_in_errors(tmp_path, capsys):
+    ratings = tmp_path / "bucket" / "ratings.dat"
+    ratings.parent.mkdir()
+    rows = [f"{u}::{i}::{1 + (u + i) % 5}::{u * 100 + i}" for u in range(1, 41) for i in range(30)]
+    ratings.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "data"
+    args = ["prepare", "--source", "movielens", "--min-item-ratings", "5", "--test-users", "8"]
+    assert main([*args, "--path", ratings.as_uri(), "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["path"] == ratings.as_uri()
+    ratings.write_text("\n".join(rows[:5]) + "\n1::2::x::3\n")
+    assert main([*args, "--path", ratings.as_uri(), "--out", str(tmp_path / "again")]) == 2
+    assert f"{ratings.as_uri()}:6" in capsys.readouterr().err  # the URI's line, not a copy's
+    assert main([*args, "--path", (tmp_path / "absent.dat").as_uri(), "--out", str(out)]) == 2
+    assert "file not found" in capsys.readouterr().err
