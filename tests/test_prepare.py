@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -12,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import shared_file
 
+from melo_dist.cli import main
 from melo_dist.data.prepare import SPLITS, PrepareSettings, prepare
 from melo_dist.data.readers import read_ratings
 from melo_dist.data.synthetic import SyntheticSpec, generate_ratings
@@ -242,6 +244,20 @@ def test_no_validation_users_is_refused_at_prepare(tmp_path, valid_fraction, use
         settings = PrepareSettings(min_item_ratings=5, test_users=20, valid_fraction=valid_fraction)
         prepare(ratings, tmp_path / "out", settings, {"family": "synthetic"})
     assert not (tmp_path / "out").exists()
+
+
+def test_training_refuses_a_dataset_without_validation_users(synthetic_dir, tmp_path, capsys):
+    """A dataset written before prepare refused empty validation splits (or edited since)."""
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dir, data)
+    valid = pq.read_table(data / "tasks-valid.parquet")
+    pq.write_table(valid.slice(0, 0), data / "tasks-valid.parquet")
+    assert (
+        main(["train", "--set", f"data.path={data}", "--set", f"run.out={tmp_path / 'run'}"]) == 2
+    )
+    error = capsys.readouterr().err
+    assert "tasks-valid.parquet: the dataset has no validation users" in error
+    assert not out.exists()
 
 
 def test_sigterm_while_preparing_leaves_nothing_behind(tmp_path):

@@ -11,6 +11,7 @@ import numpy as np
 from melo_dist.config import DataConfig
 from melo_dist.data.prepare import load_manifest
 from melo_dist.data.tasks import TaskRows, WindowSpec
+from melo_dist.errors import InputError
 from melo_dist.storage import local_dataset
 
 
@@ -48,6 +49,11 @@ def load_dataset(config: DataConfig) -> Dataset:
     path = local_dataset(config.path)  # a URI: a local copy, fetched once
     manifest = load_manifest(path)
     valid = TaskRows.from_parquet(str(path / "tasks-valid.parquet"))
+    if len(valid) == 0:  # training selects its checkpoints on them
+        raise InputError(
+            "the dataset has no validation users; prepare it again with --valid-fraction > 0",
+            path=path / "tasks-valid.parquet",
+        )
     if config.valid_users and len(valid) > config.valid_users:
         valid = valid.take(np.arange(config.valid_users))
     valid = valid.with_earlier_targets(config.valid_targets)
