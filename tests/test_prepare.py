@@ -252,9 +252,8 @@ def test_training_refuses_a_dataset_without_validation_users(synthetic_dir, tmp_
     shutil.copytree(synthetic_dir, data)
     valid = pq.read_table(data / "tasks-valid.parquet")
     pq.write_table(valid.slice(0, 0), data / "tasks-valid.parquet")
-    assert (
-        main(["train", "--set", f"data.path={data}", "--set", f"run.out={tmp_path / 'run'}"]) == 2
-    )
+    out = tmp_path / "run"
+    assert main(["train", "--set", f"data.path={data}", "--set", f"run.out={out}"]) == 2
     error = capsys.readouterr().err
     assert "tasks-valid.parquet: the dataset has no validation users" in error
     assert not out.exists()
