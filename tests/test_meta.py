@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.func import functional_call, vmap
 
 from melo_dist.config import BACKBONES, Config
 from melo_dist.data.synthetic import random_task_rows
@@ -281,6 +282,24 @@ def test_backbone_output_range_and_shapes(backbone):
     assert pred.shape == items.shape
     assert (pred > 0.1).all() and (pred < 1.1).all()  # the reference head's range
     assert torch.allclose(learner.backbone(items[0, 0]), pred[0, 0])  # any leading dims
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("head", ["reference", "bias"])
+def test_candidates_scored_from_one_context_match_their_windows(backbone, head):
+    """What scoring a user's candidates computes (the causal backbones read the context once)
+    equals each window `context + candidate` at its last position: left padding, a context of
+    padding only, and per-task parameters under vmap (as inference runs it)."""
+    model = learner_for(small_config(backbone, "melo", head)).backbone.double().eval()
+    context = torch.randint(1, ITEMS + 1, (4, 7))  # a window of 8: context + candidate
+    context[:, :3], context[0] = 0, 0
+    candidates = torch.randint(1, ITEMS + 1, (4, 6))
+    windows = torch.cat([context[:, None].expand(4, 6, 7), candidates[..., None]], -1)
+    expected = model(windows)[..., -1]
+    assert torch.allclose(model(context, candidates=candidates), expected, rtol=1e-12, atol=0)
+    params = {name: p.expand(4, *p.shape) for name, p in model.named_parameters()}
+    mapped = vmap(lambda p, c, x: functional_call(model, p, (c,), {"candidates": x}))
+    assert torch.allclose(mapped(params, context, candidates), expected, rtol=1e-12, atol=0)
 
 
 def test_bias_head_starts_as_the_item_bias_predictor_and_adapts_the_user_bias():

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from torch.func import functional_call, vmap
 
 from melo_dist.config import Config
 from melo_dist.data.dataset import window_spec
@@ -60,15 +61,14 @@ class AdaptedUsers:
     def predict_ids(self, ids: Sequence[Sequence[int]], chunk: int = 1024) -> list[np.ndarray]:
         """`predict` for candidates given as the model's item ids (1..n: the catalogue's order)."""
         width = max(len(c) for c in ids)
-        query = torch.zeros(len(self), width, self.context.shape[1] + 1, dtype=torch.long)
-        query[..., :-1] = self.context[:, None, :]
+        candidates = torch.ones(len(self), width, dtype=torch.long)  # (a real item: filler)
         for user, items in enumerate(ids):
-            query[user, : len(items), -1] = torch.as_tensor(items, dtype=torch.long)
+            candidates[user, : len(items)] = torch.as_tensor(items, dtype=torch.long)
         with torch.no_grad():
             pred = torch.cat(
                 [
-                    self.model.predict_windows(self, part)[..., -1] * self.model.scale
-                    for part in query.split(chunk, dim=1)
+                    self.model.score(self, part) * self.model.scale
+                    for part in candidates.split(chunk, dim=1)
                 ],
                 dim=1,
             )
@@ -201,26 +201,36 @@ class ColdStartModel:
                 )
         return self.item_ids(items, where), [float(r) for r in ratings]
 
-    def predict_windows(self, users: AdaptedUsers, query: torch.Tensor) -> torch.Tensor:
-        """[B, C, L] windows in catalogue ids -> per-position predictions / scale, with each
-        user's adapted parameters: an adapted item-table row where the inner loop adapted it
-        (its support items), the meta-learned row elsewhere (the inner loop leaves those rows
-        unchanged)."""
+    def score(self, users: AdaptedUsers, candidates: torch.Tensor) -> torch.Tensor:
+        """Candidates [B, C] in catalogue ids -> the prediction / scale of each window `user's
+        context + candidate` at its last position, with each user's adapted parameters: an
+        adapted item-table row where the inner loop adapted it (its support items), the
+        meta-learned row elsewhere (the inner loop leaves those rows unchanged). The backbone
+        reads each context once where it can (`SequenceRegressor.score_candidates`)."""
+        backbone = self.learner.backbone
         if not isinstance(self.learner, MetaLearner):
-            return self.learner.backbone(query)
-        rows, flat = users.rows, query.flatten(1)
-        # the task-local id of each window item: its adapted row if it has one, else a new row
+            return backbone(users.context, candidates=candidates)
+        rows, flat = users.rows, torch.cat([users.context, candidates], 1)
+        # the task-local id of each item: its adapted row if it has one, else a new row
         padded = torch.where(rows == 0, torch.iinfo(rows.dtype).max, rows)
         padded[:, 0] = 0  # local id 0 is the padding item
         found = torch.searchsorted(padded, flat).clamp(max=rows.shape[1] - 1)
         adapted = padded.gather(1, found) == flat
         new = rows.shape[1] + torch.arange(flat.shape[1]).expand_as(flat)
-        local = torch.where(adapted, found, new).view(query.shape)
-        backbone = dict(self.learner.backbone.named_parameters())
+        local = torch.where(adapted, found, new)
+        meta = dict(backbone.named_parameters())
         fast = {
-            name: torch.cat([value, backbone[name][flat]], 1)
+            name: torch.cat([value, meta[name][flat]], 1)
             if name in self.learner.item_tables
             else value
             for name, value in users.fast.items()
         }
-        return self.learner.forward_tasks(fast, local)
+        params = {**meta, **fast}
+        run = vmap(
+            lambda p, context, items: functional_call(
+                backbone, p, (context,), {"candidates": items}
+            ),
+            in_dims=({name: 0 if name in fast else None for name in params}, 0, 0),
+        )
+        context = users.context.shape[1]
+        return run(params, local[:, :context], local[:, context:])

@@ -24,5 +24,12 @@ class GRU4Rec(SequenceRegressor):
 
     def features(self, item_seq: torch.Tensor, skipped: int = 0) -> torch.Tensor:
         """[..., L] item ids (0 = padding) -> [..., L, D] GRU states."""
-        x = F.dropout(embed_items(self.item_embedding, item_seq), self.dropout, self.training)
-        return self.gru(x, skipped)
+        return self.gru(self.embed(item_seq), skipped)
+
+    def embed(self, items: torch.Tensor) -> torch.Tensor:
+        return F.dropout(embed_items(self.item_embedding, items), self.dropout, self.training)
+
+    def score_candidates(self, context: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """The GRU reads the context once; each candidate is one more step from its state."""
+        _, states = self.gru.branch(self.embed(context), self.embed(candidates))
+        return self.head(states, candidates)

@@ -102,10 +102,21 @@ class SequenceRegressor(nn.Module):
         features: torch.Tensor | None = None,
         head: bool = True,
         skipped: int = 0,
+        candidates: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if candidates is not None:  # item_seq is the context
+            return self.score_candidates(item_seq, candidates)
         if features is None:
             features = self.features(item_seq, skipped)
         return self.head(features, item_seq) if head else features
+
+    def score_candidates(self, context: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Context [..., L - 1] and candidates [..., C] -> [..., C]: the last position's output
+        of each window `context + candidate` (what scoring a user's candidates needs). Here by
+        running every window; causal backbones override it to read the context once."""
+        shape = (*candidates.shape, context.shape[-1])
+        windows = torch.cat([context.unsqueeze(-2).expand(shape), candidates.unsqueeze(-1)], -1)
+        return self(windows)[..., -1]
 
 
 def build_head(config: ModelConfig, features: int, num_items: int) -> nn.Module:

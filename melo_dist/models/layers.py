@@ -49,6 +49,19 @@ class GRU(nn.Module):
             x = self.run(input_proj, hidden_proj, x, h0.expand(*x.shape[:-2], -1))
         return x
 
+    def branch(
+        self, x: torch.Tensor, next_inputs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[..., L, D] and [..., C, D] -> the top layer's states over x [..., L, H] and after
+        each of the C next inputs alone [..., C, H] (C branches from x's end): what `forward`
+        on each sequence `x + next input` gives, its last position apart."""
+        for input_proj, hidden_proj, h0 in zip(self.input_proj, self.hidden_proj, self.h0):
+            x = self.run(input_proj, hidden_proj, x, h0.expand(*x.shape[:-2], -1))
+            last = x[..., -1:, :].expand(*next_inputs.shape[:-1], -1)
+            next_inputs = self.run(input_proj, hidden_proj, next_inputs.unsqueeze(-2), last)
+            next_inputs = next_inputs.squeeze(-2)
+        return x, next_inputs
+
     @staticmethod
     def run(input_proj: nn.Linear, hidden_proj: nn.Linear, x: torch.Tensor, h: torch.Tensor):
         """One layer over the time axis of x [..., L, D] from state h [..., H]."""

@@ -29,10 +29,12 @@ class NARM(SequenceRegressor):
         self.score = nn.Linear(config.dim, 1, bias=False)
         self.head = build_head(config, 2 * config.dim, num_items)
 
+    def embed(self, items: torch.Tensor) -> torch.Tensor:
+        return F.dropout(embed_items(self.item_embedding, items), self.dropout, self.training)
+
     def features(self, item_seq: torch.Tensor, skipped: int = 0) -> torch.Tensor:
         """[..., L] item ids (0 = padding) -> [..., L, 2D] local and global context."""
-        x = F.dropout(embed_items(self.item_embedding, item_seq), self.dropout, self.training)
-        states = self.gru(x, skipped)  # [..., L, D]
+        states = self.gru(self.embed(item_seq), skipped)  # [..., L, D]
         # scores[..., t, j] = v . sigmoid(A1 h_t + A2 h_j), over real positions j <= t.
         mixed = self.query_proj(states).unsqueeze(-2) + self.key_proj(states).unsqueeze(-3)
         scores = self.score(torch.sigmoid(mixed)).squeeze(-1)  # [..., L, L]
@@ -40,3 +42,18 @@ class NARM(SequenceRegressor):
         weights = scores.masked_fill(~mask, 0.0)  # NARM's attention is not normalised
         local = weights @ states
         return F.dropout(torch.cat([local, states], dim=-1), self.dropout, self.training)
+
+    def score_candidates(self, context: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """The GRU reads the context once; each candidate is one more step from its state, and
+        its attention runs over the context's real states and its own (`features` at a
+        window's last position)."""
+        states, branch = self.gru.branch(self.embed(context), self.embed(candidates))
+        shape = (*candidates.shape, context.shape[-1], states.shape[-1])  # [..., C, L - 1, D]
+        keys = torch.cat([states.unsqueeze(-3).expand(shape), branch.unsqueeze(-2)], -2)
+        mixed = self.query_proj(branch).unsqueeze(-2) + self.key_proj(keys)  # [..., C, L, D]
+        scores = self.score(torch.sigmoid(mixed)).squeeze(-1)
+        real = torch.cat([context > 0, torch.ones_like(context[..., :1], dtype=torch.bool)], -1)
+        weights = scores.masked_fill(~real.unsqueeze(-2), 0.0)
+        local = (weights.unsqueeze(-2) @ keys).squeeze(-2)
+        features = torch.cat([local, branch], dim=-1)
+        return self.head(F.dropout(features, self.dropout, self.training), candidates)

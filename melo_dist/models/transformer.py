@@ -37,12 +37,32 @@ class SelfAttentiveRegressor(SequenceRegressor):
         hidden and positions count from the right, so dropped left padding (`skipped`) changes
         nothing."""
         length = item_seq.shape[-1]
-        x = embed_items(self.item_embedding, item_seq) + self.position_embedding.weight[-length:]
+        positions = self.position_embedding.weight[-length:]
+        return self.attend(item_seq, positions, attention_mask(item_seq, causal=self.causal))
+
+    def attend(
+        self, item_seq: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        x = embed_items(self.item_embedding, item_seq) + positions
         x = F.dropout(self.input_norm(x), self.dropout, self.training)
-        mask = attention_mask(item_seq, causal=self.causal)
         for block in self.blocks:
             x = block(x, mask)
         return x
+
+    def score_candidates(self, context: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """SASRec: the context's states never see a later position, so one sequence
+        `context, candidate 1, ..., candidate C` gives every candidate its window's last
+        output: each candidate sits at the last position, sees the context and itself only."""
+        if not self.causal:
+            return super().score_candidates(context, candidates)
+        past, count = context.shape[-1], candidates.shape[-1]
+        weight = self.position_embedding.weight
+        positions = torch.cat([weight[-past - 1 : -1], weight[-1:].expand(count, -1)])
+        sequence = torch.cat([context, candidates], -1)
+        mask = attention_mask(sequence, causal=True)
+        mask[..., past:, past:] = torch.eye(count, dtype=torch.bool)  # not the other candidates
+        states = self.attend(sequence, positions, mask)[..., past:, :]
+        return self.head(states, candidates)
 
 
 class SASRec(SelfAttentiveRegressor):
