@@ -24,6 +24,7 @@ from melo_dist.distributed.train import (
     connect,
     default_cpus_per_worker,
     fit,
+    trainer_name,
     training_users,
 )
 from melo_dist.report.build import write_report
@@ -223,6 +224,14 @@ def settings_of(data_dir, out) -> list[str]:
         for key, value in values.items():
             flags += ["--set", f"{section}.{key}={value}"]
     return flags
+
+
+def test_trainer_names_come_from_the_whole_run_path():
+    """Two runs called `run` in different folders, one --storage: never each other's
+    checkpoints; the same folder (or URI) always gets the same name."""
+    names = {trainer_name(f"/work/{p}/run") for p in ("a", "b")} | {trainer_name("s3://b/run")}
+    assert len(names) == 3 and all(n.startswith("run-") for n in names)
+    assert trainer_name("/work/a/run") == trainer_name("/work/a/run")
 
 
 def test_workers_take_one_cpu_on_a_joined_cluster(ray_session, monkeypatch):

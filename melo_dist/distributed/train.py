@@ -212,6 +212,13 @@ def training_users(tables: str, seed: int) -> ray.data.Dataset:
     return users.random_shuffle(seed=seed).materialize()
 
 
+def trainer_name(out: str) -> str:
+    """The Ray Train run name of the run folder `out` (absolute, or a URI): its last component
+    and a hash of all of it, so runs called `run` in two folders never share checkpoints under
+    one --storage, and a restarted run finds its own."""
+    return f"{out.rstrip('/').rsplit('/', 1)[-1]}-{hashlib.sha256(out.encode()).hexdigest()[:8]}"
+
+
 def default_cpus_per_worker(workers: int) -> float:
     """One CPU a worker on a joined cluster (RAY_ADDRESS): an autoscaling cluster's size at
     submit time says nothing (an empty one would give 0.25). On the local instance this process
@@ -253,7 +260,7 @@ def build_trainer(
         config.run.init_from = str(Path(config.run.init_from).resolve())
     load_dataset(config.data)  # fail here, with a clear message, not in a worker
     out = config.run.out
-    name = f"{out.rstrip('/').rsplit('/', 1)[-1]}-{hashlib.sha256(out.encode()).hexdigest()[:8]}"
+    name = trainer_name(out)
     storage = storage_path or f"{out.rstrip('/')}/{RAY_CHECKPOINTS}"
     checked_out(out)  # the files of an earlier run, in-process or Ray
     resumable_state(out, config.to_dict())
