@@ -165,7 +165,8 @@ def train_rank(run: TrainingRun, loop_config: dict, staging: Path, world: int) -
         return record
 
     shard = ray.train.get_dataset_shard("train")
-    batches = shard_batches(run, shard, config.meta.tasks_per_batch // world)
+    shard_users = loop_config["users"] // world + 1  # Ray Data's split: equal shards
+    batches = shard_batches(run, shard, config.meta.tasks_per_batch // world, shard_users)
     queue = loop_config.get("progress")  # the driver's progress line, if it shows one
     stop = stop_consensus(loop_config.get("stop"), rank, run.device)
     if rank != 0:
@@ -176,9 +177,13 @@ def train_rank(run: TrainingRun, loop_config: dict, staging: Path, world: int) -
         train(run, batches, save, reduce=average, progress=queue.put, stop=stop)
 
 
-def shard_batches(run: TrainingRun, shard: Any, per_rank: int) -> Iterator[TaskBatch]:
+def shard_batches(
+    run: TrainingRun, shard: Any, per_rank: int, shard_users: int
+) -> Iterator[TaskBatch]:
     """Endless epochs over this rank's Ray Data shard, `per_rank` users a batch, in lockstep
-    with the other ranks; windows seeded by the iteration, as in local training."""
+    with the other ranks; windows seeded by the iteration, as in local training. Each epoch
+    reads the shard in a new seeded order: the shuffle buffer holds the whole shard (one small
+    row per user)."""
     config = run.config
     epoch = 0
     while True:
@@ -186,7 +191,7 @@ def shard_batches(run: TrainingRun, shard: Any, per_rank: int) -> Iterator[TaskB
             batch_size=per_rank,
             batch_format="numpy",
             drop_last=True,
-            local_shuffle_buffer_size=4 * per_rank,
+            local_shuffle_buffer_size=max(shard_users, per_rank),
             local_shuffle_seed=derive_seed(config.run.seed, epoch, run.rank),
         )
         empty = True
@@ -281,7 +286,12 @@ def build_trainer(
     config.run.threads = max(1, round(cpus_per_worker))  # Ray sets 1 thread; use the CPUs given
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "progress": progress, "stop": stop},
+        train_loop_config={
+            "config": config.to_dict(),
+            "progress": progress,
+            "stop": stop,
+            "users": train.count(),
+        },
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
         ),
