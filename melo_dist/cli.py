@@ -125,7 +125,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise InputError(f"--max-failures must be 0 or more, got {args.max_failures}")
     if args.max_minutes is not None and args.max_minutes <= 0:
         raise InputError(f"--max-minutes takes minutes > 0, got {args.max_minutes:g}")
-    out = Path(config.run.out)
+    out = config.run.out  # a path or a URI: kept as written
     changed = ", ".join(config.changed_settings()) or "none"
     log(f"training {out} ({CONFIG} there): settings that differ from the reference's: {changed}")
     available = load_manifest(config.data.path)["counts"]["valid_users"]
@@ -134,7 +134,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             f"data.valid_users is {config.data.valid_users}, but {config.data.path} has "
             f"{available} validation users: validating on all of them"
         )
-    line = ProgressLine(out.name)
+    line = ProgressLine(out.rstrip("/").rsplit("/", 1)[-1])
     try:
         if args.workers == 0:
             best = train_local(
@@ -167,7 +167,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         f"{last['seconds_per_iteration']:.2f} s/it, validation excluded"
     )
     if args.json:
-        print(json.dumps({"event": "train_done", "out": str(out), **best, "last": last}))
+        print(json.dumps({"event": "train_done", "out": out, **best, "last": last}))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

@@ -15,6 +15,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from melo_dist.errors import InputError
+from melo_dist.storage import normalised
 
 BACKBONES = ("gru4rec", "narm", "sasrec", "bert4rec")
 REGIMES = ("basic", "maml", "melo", "focal", "class_balanced", "stats_mlp")
@@ -142,7 +143,10 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> Config:
-        """Every setting in its range, or an InputError naming the key (no traceback later)."""
+        """Every setting in its range, or an InputError naming the key (no traceback later).
+        A URI gets one spelling (`storage.normalised`): it names one run."""
+        self.data.path, self.run.out = normalised(self.data.path), normalised(self.run.out)
+        self.run.init_from = normalised(self.run.init_from)
         for key, minimum, inclusive in LOWER_BOUNDS:
             value = self.get(key)
             if not math.isfinite(value):

@@ -5,10 +5,14 @@ it through `pyarrow.fs`:
 - a prepared dataset at a URI is copied once into a local cache, keyed by its manifest's hash,
   by every process that reads it (Ray workers on other nodes fetch their own copy, so they
   need no shared mount);
-- a file read at a URI (`prepare --path`) is copied to a temporary file first;
+- a file read at a URI (`prepare --path`, a checkpoint) is copied to a local file first;
 - a folder written at a URI (`prepare --out`, `run.out`) is written in a local working copy
-  and copied up with `push`; the manifest or the metrics record goes last, so a reader never
-  sees a half-written dataset or a metrics record ahead of its checkpoint.
+  and copied up with `push`: last.pt before best.pt, and the manifest or the metrics record
+  last, so a reader never sees a half-written dataset or a record ahead of its checkpoint.
+  Ray's own checkpoints in a run folder (`ray-checkpoints/`) are Ray's to read and write at
+  the URI: they are never copied down or up.
+Failures of the storage (no such bucket, no credentials, the network) are `InputError`s
+naming the URI.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import wraps
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,11 +31,17 @@ import pyarrow.fs as pafs
 
 from melo_dist.errors import InputError
 
-LAST_FILES = ("manifest.json", "metrics.jsonl")  # pushed after everything else
+NOT_COPIED = ("ray-checkpoints",)  # Ray's, read and written by Ray at the URI itself
+PUSH_ORDER = {"last.pt": 1, "best.pt": 2, "metrics.jsonl": 3, "manifest.json": 3}  # else 0
 
 
 def is_uri(path: str | Path) -> bool:
     return "://" in str(path)
+
+
+def normalised(path: str) -> str:
+    """One spelling of a URI (no trailing slash), so it names one run; plain paths as given."""
+    return path.rstrip("/") if is_uri(path) else path
 
 
 def cache_dir() -> Path:
@@ -38,23 +49,37 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MELO_DIST_CACHE", Path.home() / ".cache" / "melo-dist"))
 
 
+def storage_errors(function: Callable) -> Callable:
+    """The storage's own failures (OSError: access denied, no bucket, ...) as InputErrors
+    naming the URI, the function's first argument."""
+
+    @wraps(function)
+    def checked(uri, *args, **kwargs):
+        try:
+            return function(uri, *args, **kwargs)
+        except (pa.ArrowInvalid, OSError) as error:
+            raise InputError(f"storage error: {error}", path=uri) from None
+
+    return checked
+
+
+@storage_errors
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, OSError) as error:  # unknown scheme, no credentials, ...
-        raise InputError(f"cannot open this URI: {error}", path=uri) from None
+    fs, root = pafs.FileSystem.from_uri(str(uri))
+    return fs, root.rstrip("/")
 
 
+@storage_errors
 def read_bytes(uri: str, name: str) -> bytes | None:
     """The file `name` in the folder at `uri`; None when there is none."""
     fs, root = filesystem(uri)
-    path = f"{root.rstrip('/')}/{name}"
-    if fs.get_file_info(path).type != pafs.FileType.File:
+    if fs.get_file_info(f"{root}/{name}").type != pafs.FileType.File:
         return None
-    with fs.open_input_stream(path) as stream:
+    with fs.open_input_stream(f"{root}/{name}") as stream:
         return stream.read()
 
 
+@storage_errors
 def local_dataset(path: str | Path) -> Path:
     """A local folder holding the prepared dataset at `path`: the path itself, or for a URI a
     copy in the cache (fetched once per manifest; a concurrent fetch of the same one is fine)."""
@@ -92,13 +117,8 @@ def local_file(path: str | Path) -> Iterator[Path]:
     if not is_uri(path):
         yield Path(path)
         return
-    fs, name = filesystem(str(path))
-    if fs.get_file_info(name).type != pafs.FileType.File:
-        raise InputError("file not found", path=path)
     with tempfile.TemporaryDirectory(prefix="melo-input-") as folder:
-        local = Path(folder) / name.rstrip("/").rsplit("/", 1)[-1]
-        with fs.open_input_stream(name) as source, local.open("wb") as sink:
-            shutil.copyfileobj(source, sink)
+        local = fetch(str(path), Path(folder))
         try:
             yield local
         except InputError as error:  # name the file at the URI, not its copy
@@ -109,11 +129,43 @@ def local_file(path: str | Path) -> Iterator[Path]:
             ) from None
 
 
+@storage_errors
+def fetch(uri: str, folder: Path) -> Path:
+    """Copy the file at `uri` into `folder` under its own name, atomically: a concurrent
+    reader of that local file sees the old copy or the new one."""
+    fs, name = filesystem(uri)
+    if fs.get_file_info(name).type != pafs.FileType.File:
+        raise InputError("file not found", path=uri)
+    folder.mkdir(parents=True, exist_ok=True)
+    local = folder / name.rsplit("/", 1)[-1]
+    handle, partial = tempfile.mkstemp(prefix=f".{local.name}.", dir=folder)
+    try:
+        with fs.open_input_stream(name) as source, os.fdopen(handle, "wb") as sink:
+            shutil.copyfileobj(source, sink)
+        os.replace(partial, local)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return local
+
+
+def fetched_file(uri: str) -> Path:
+    """A local copy of the file at `uri`, refreshed on every call (a checkpoint changes)."""
+    return fetch(uri, cache_dir() / "files" / hashlib.sha256(uri.encode()).hexdigest()[:16])
+
+
+@storage_errors
+def exists(uri: str, name: str) -> bool:
+    fs, root = filesystem(uri)
+    return fs.get_file_info(f"{root}/{name}").type == pafs.FileType.File
+
+
 def local_folder(path: str | Path) -> Path:
     """The local folder written for `path`: the path itself, or for a URI its working copy."""
     if not is_uri(path):
         return Path(path)
-    return cache_dir() / "folders" / hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    key = hashlib.sha256(normalised(str(path)).encode()).hexdigest()[:16]
+    return cache_dir() / "folders" / key
 
 
 def checked_out(path: str | Path) -> Path:
@@ -125,42 +177,81 @@ def checked_out(path: str | Path) -> Path:
     return local
 
 
-def publish(path: str | Path) -> None:
-    """Push the working copy of `path` up to it (nothing to do for a plain path)."""
-    if is_uri(path):
+def publish(path: str | Path, log: Callable[[str], None] | None = None) -> None:
+    """Push the working copy of `path` up to it (nothing to do for a plain path). With `log`,
+    a failure is reported there and training goes on (the next push sends everything again)."""
+    if not is_uri(path):
+        return
+    try:
         push(local_folder(path), str(path))
+    except InputError as error:
+        if log is None:
+            raise
+        log(f"{error}; the run folder is copied there again at the next checkpoint")
 
 
+@storage_errors
 def pull(uri: str, local: Path) -> None:
-    """Copy the folder at `uri` (if there is one) into `local`."""
+    """Copy the folder at `uri` (if there is one) into `local`, but not Ray's checkpoints."""
     fs, root = filesystem(uri)
     local.mkdir(parents=True, exist_ok=True)
-    if fs.get_file_info(root).type == pafs.FileType.Directory:
-        local_fs = pafs.LocalFileSystem()
-        pafs.copy_files(root, str(local), source_filesystem=fs, destination_filesystem=local_fs)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        relative = info.path[len(root) + 1 :]
+        if info.type != pafs.FileType.File or relative.split("/", 1)[0] in NOT_COPIED:
+            continue
+        (local / relative).parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(info.path) as source, (local / relative).open("wb") as sink:
+            shutil.copyfileobj(source, sink)
 
 
+@storage_errors
 def push(local: Path, uri: str) -> None:
-    """Copy the files of `local` up to the folder at `uri`, the manifest and metrics last."""
+    """Copy the files of `local` up to the folder at `uri` (`PUSH_ORDER`), not Ray's."""
     fs, root = filesystem(uri)
-    files = sorted(p for p in local.rglob("*") if p.is_file() and not p.name.startswith("."))
-    files.sort(key=lambda p: p.name in LAST_FILES)
-    for file in files:
-        target = f"{root.rstrip('/')}/{file.relative_to(local).as_posix()}"
+    files = [
+        p
+        for p in sorted(local.rglob("*"))
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.relative_to(local).parts[0] not in NOT_COPIED
+    ]
+    for file in sorted(files, key=lambda p: PUSH_ORDER.get(p.name, 0)):
+        target = f"{root}/{file.relative_to(local).as_posix()}"
         fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         with file.open("rb") as source, fs.open_output_stream(target) as sink:
             shutil.copyfileobj(source, sink)
 
 
+@storage_errors
 def is_empty(uri: str) -> bool:
     """Whether the folder at `uri` is missing or holds nothing."""
     fs, root = filesystem(uri)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         return True
+    if info.type != pafs.FileType.Directory:
+        raise InputError("output path exists and is not a folder", path=uri)
     return not fs.get_file_info(pafs.FileSelector(root, recursive=False))
 
 
+@storage_errors
+def subfolders(uri: str, prefix: str) -> list[str]:
+    """The URIs of the folders in the folder at `uri` whose names start with `prefix`, sorted."""
+    fs, root = filesystem(uri)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return []
+    entries = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    names = sorted(
+        e.base_name
+        for e in entries
+        if e.type == pafs.FileType.Directory and e.base_name.startswith(prefix)
+    )
+    return [f"{str(uri).rstrip('/')}/{name}" for name in names]
+
+
+@storage_errors
 def clear(uri: str) -> None:
     fs, root = filesystem(uri)
     fs.delete_dir_contents(root, missing_dir_ok=True)

@@ -2,9 +2,10 @@
 
     .venv/bin/python results/study.py results/plans/ml1m-subset.yaml
 
-The runs are a Ray Tune grid, each trial one full training run (run.threads CPUs), as many at
-once as the Ray cluster has CPUs (RAY_ADDRESS joins one; `--storage` keeps Tune's state there);
-the basic runs go first, since their embeddings start MAML and MELO.
+The runs are a Ray Tune grid, each trial one full training run (its run.threads CPUs), as many
+at once as the Ray instance has CPUs; the basic runs go first, since their embeddings start
+MAML and MELO. With RAY_ADDRESS it joins a cluster whose nodes see this checkout and the work
+folder at the same paths (a shared file system); `--storage` keeps Tune's state there.
 
 Resumable in parts: every finished run leaves a small record in results/<plan>/runs/<run>.json
 (its test metrics, its validation curve, the git commit and the code's tree hash), committed
@@ -289,12 +290,15 @@ def run_grid(
     plan: dict, todo: list[dict], data: Path, work: Path, version: dict, records: Path, storage: str
 ) -> None:
     """The runs as Ray Tune grids of one trial a run: the basic runs, then the others."""
-    threads = max(1, run_config(plan, todo[0], data, work).run.threads)
+
+    def threads(trial: dict) -> dict:
+        return {"cpu": max(1, run_config(plan, trial["run"], data, work).run.threads)}
+
     trainable = tune.with_resources(
         tune.with_parameters(
             study_trial, plan=plan, data=str(data), work=str(work), version=version
         ),
-        {"cpu": threads},
+        threads,
     )
     for phase in ("basic", "meta"):
         runs = [run for run in todo if (run["regime"] == "basic") == (phase == "basic")]

@@ -12,8 +12,24 @@ from conftest import tiny_config
 
 from melo_dist import ColdStartModel
 from melo_dist.cli import main
-from melo_dist.storage import local_dataset, local_folder
-from melo_dist.training.checkpoint import BEST, LAST, METRICS, load_checkpoint, read_metrics
+from melo_dist.config import Config
+from melo_dist.errors import InputError
+from melo_dist.storage import (
+    checked_out,
+    filesystem,
+    is_empty,
+    local_dataset,
+    local_folder,
+    publish,
+)
+from melo_dist.training.checkpoint import (
+    BEST,
+    LAST,
+    METRICS,
+    load_checkpoint,
+    read_metrics,
+    refuse_other_config,
+)
 from melo_dist.training.evaluation import evaluate_checkpoints
 from melo_dist.training.loop import train_local
 
@@ -101,3 +117,45 @@ def test_prepare_reads_its_input_file_from_a_uri_and_names_it_in_errors(tmp_path
     assert f"{ratings.as_uri()}:6" in capsys.readouterr().err  # the URI's line, not a copy's
     assert main([*args, "--path", (tmp_path / "absent.dat").as_uri(), "--out", str(out)]) == 2
     assert "file not found" in capsys.readouterr().err
+
+
+def test_ray_checkpoints_stay_at_the_uri_and_uris_have_one_spelling(tmp_path):
+    """Ray reads and writes its own checkpoints at the URI: a working copy never brings old
+    ones back down or pushes them up. `s3://b/run/` and `s3://b/run` are one run."""
+    remote = tmp_path / "bucket" / "run"
+    (remote / "ray-checkpoints" / "checkpoint_1").mkdir(parents=True)
+    (remote / "ray-checkpoints" / "checkpoint_1" / "last.pt").write_text("Ray's")
+    (remote / "metrics.jsonl").write_text("{}\n")
+    local = checked_out(remote.as_uri())
+    assert (local / "metrics.jsonl").exists() and not (local / "ray-checkpoints").exists()
+    (local / "ray-checkpoints" / "old").mkdir(parents=True)
+    (local / "ray-checkpoints" / "old" / "last.pt").write_text("stale")
+    publish(remote.as_uri())
+    assert not (remote / "ray-checkpoints" / "old").exists()
+    config = Config()
+    config.run.out, config.data.path = remote.as_uri() + "/", "s3://bucket/data/"
+    config.validate()
+    assert (config.run.out, config.data.path) == (remote.as_uri(), "s3://bucket/data")
+    assert local_folder(remote.as_uri() + "/") == local_folder(remote.as_uri())
+
+
+def test_storage_failures_are_errors_naming_the_uri(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(InputError, match="is not a folder") as error:
+        is_empty(a_file.as_uri())
+    assert a_file.as_uri() in str(error.value)
+    with pytest.raises(InputError, match="storage error"):
+        filesystem("unknown://bucket/run")
+
+
+def test_a_run_saved_before_a_new_setting_existed_still_resumes(synthetic_dir, tmp_path):
+    """A saved config without a key added since (meta.outer_balance) gets its default, which
+    is the old behaviour, so the run is not refused as a different config."""
+    config = tiny_config(synthetic_dir, tmp_path / "run")
+    saved = config.to_dict()
+    del saved["meta"]["outer_balance"]
+    refuse_other_config(saved, config.to_dict(), tmp_path / "run")  # no error
+    saved["meta"]["inner_steps"] = 5
+    with pytest.raises(InputError, match=r"meta\.inner_steps was 5"):
+        refuse_other_config(saved, config.to_dict(), tmp_path / "run")

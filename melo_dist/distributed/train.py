@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from queue import Empty
 from typing import Any
@@ -38,13 +38,21 @@ from melo_dist.data.seeds import derive_seed
 from melo_dist.data.tasks import TaskBatch, TaskRows
 from melo_dist.errors import InputError
 from melo_dist.runtime import log, prepare_process
-from melo_dist.storage import checked_out, is_uri, local_folder, publish
+from melo_dist.storage import (
+    checked_out,
+    is_uri,
+    local_folder,
+    normalised,
+    publish,
+    subfolders,
+)
 from melo_dist.training.checkpoint import (
     BEST,
     LAST,
     METRICS,
     best_record,
     load_checkpoint,
+    refuse_other_config,
     resumable_state,
     write_atomically,
     write_config,
@@ -161,7 +169,7 @@ def train_rank(run: TrainingRun, loop_config: dict, staging: Path, world: int) -
         record = run.checkpoint(staging, losses, seconds)
         report = {**record, "resumed_from": resumed_from}
         ray.train.report(report, checkpoint=Checkpoint.from_directory(str(staging)))
-        publish(config.run.out)  # a URI: rank 0's TensorBoard events, written beside it
+        publish(config.run.out, log)  # a URI: rank 0's TensorBoard events, written beside it
         return record
 
     shard = ray.train.get_dataset_shard("train")
@@ -175,6 +183,8 @@ def train_rank(run: TrainingRun, loop_config: dict, staging: Path, world: int) -
         train(run, batches, save, reduce=average, log=log, stop=stop)
     else:
         train(run, batches, save, reduce=average, progress=queue.put, stop=stop)
+    if rank == 0:
+        publish(config.run.out, log)  # the events written out when training closed
 
 
 def shard_batches(
@@ -266,13 +276,16 @@ def build_trainer(
     load_dataset(config.data)  # fail here, with a clear message, not in a worker
     out = config.run.out
     name = trainer_name(out)
-    storage = storage_path or f"{out.rstrip('/')}/{RAY_CHECKPOINTS}"
+    if storage_path and not is_uri(storage_path):
+        storage_path = str(Path(storage_path).resolve())
+    storage = normalised(storage_path or f"{out}/{RAY_CHECKPOINTS}")
     checked_out(out)  # the files of an earlier run, in-process or Ray
     resumable_state(out, config.to_dict())
-    if "://" not in storage:  # Ray's own checkpoint of this run, on a local or mounted path
-        earlier = sorted(p for p in (Path(storage) / name).glob("checkpoint_*") if p.is_dir())
-        if earlier:  # (its checkpoint_manager_snapshot.json is not one)
-            resumable_state(earlier[-1], config.to_dict())
+    earlier = subfolders(f"{storage}/{name}", "checkpoint_")  # Ray's own, local or at a URI
+    if earlier:
+        refuse_other_config(
+            load_checkpoint(f"{earlier[-1]}/{LAST}")["config"], config.to_dict(), out
+        )
     tables = f"{config.data.path.rstrip('/')}/tasks-train.parquet"  # Ray Data reads URIs too
     train = training_users(tables, config.run.seed)
     if train.count() < config.meta.tasks_per_batch:
@@ -325,11 +338,10 @@ def fit(
         with forwarded(progress) as queue:
             trainer = build_trainer(config, workers, progress=queue, stop=flag, **settings)
             write_config(local_folder(config.run.out), config.to_dict())
-            if threading.current_thread() is threading.main_thread():
-                with stop.signals():
-                    result = fit_until(trainer, stop, flag)
-            else:  # a Tune trial: Tune stops it
-                result = trainer.fit()
+            publish(config.run.out)  # a later submit with another config is refused by it
+            main_thread = threading.current_thread() is threading.main_thread()
+            with stop.signals() if main_thread else nullcontext():
+                result = fit_until(trainer, stop, flag)
     finally:
         ray.kill(flag)
     if result.checkpoint is None:
@@ -346,9 +358,9 @@ def fit(
 
 
 def fit_until(trainer: TorchTrainer, stop: StopRequest, flag: Any) -> Any:
-    """`trainer.fit()` in a thread, while this (main) thread turns a stop request into the
-    workers' flag: Ray's own SIGINT handler (which it installs only in the main thread) would
-    abort the workers without a checkpoint."""
+    """`trainer.fit()` in a thread, while this thread turns a stop request (a signal, the
+    deadline) into the workers' flag: Ray's own SIGINT handler, which it installs when `fit`
+    runs in the main thread, would abort the workers without a checkpoint."""
     outcome: dict[str, Any] = {}
 
     def run() -> None:

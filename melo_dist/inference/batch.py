@@ -104,7 +104,7 @@ def read_candidates(path: str | Path, users: dict) -> dict[str, list[str]]:
 
 
 def score_users(
-    model: ColdStartModel, records: list[dict], top_k: int = 0, chunk: int = 1024
+    model: ColdStartModel, records: list[dict], top_k: int = 0, chunk: int = 256
 ) -> pa.Table:
     """Predictions for `records` [{user_id, items, ratings, candidates}] adapted together; with
     `top_k`, each user's best `top_k` unrated catalogue items instead of its candidates."""

@@ -47,9 +47,10 @@ class AdaptedUsers:
     def __len__(self) -> int:
         return len(self.context)
 
-    def predict(self, candidates: Sequence[Sequence], chunk: int = 1024) -> list[np.ndarray]:
+    def predict(self, candidates: Sequence[Sequence], chunk: int = 256) -> list[np.ndarray]:
         """Per user, the predicted rating of each of its candidates (original item ids), scored
-        `chunk` candidates a user at a time (memory: B x chunk windows)."""
+        `chunk` candidates a user at a time (memory: SASRec attends over (L + chunk)^2 per
+        user, the other backbones hold B x chunk windows)."""
         if len(candidates) != len(self):
             raise InputError(f"{len(candidates)} candidate lists for {len(self)} users")
         ids = [
@@ -58,7 +59,7 @@ class AdaptedUsers:
         ]
         return self.predict_ids(ids, chunk)
 
-    def predict_ids(self, ids: Sequence[Sequence[int]], chunk: int = 1024) -> list[np.ndarray]:
+    def predict_ids(self, ids: Sequence[Sequence[int]], chunk: int = 256) -> list[np.ndarray]:
         """`predict` for candidates given as the model's item ids (1..n: the catalogue's order)."""
         width = max(len(c) for c in ids)
         candidates = torch.ones(len(self), width, dtype=torch.long)  # (a real item: filler)

@@ -20,9 +20,10 @@ from typing import BinaryIO
 import torch
 import yaml
 
+from melo_dist.config import Config
 from melo_dist.errors import InputError
 from melo_dist.runtime import log
-from melo_dist.storage import checked_out, is_uri, local_dataset, local_folder
+from melo_dist.storage import exists, fetched_file, is_uri, local_dataset, local_folder, normalised
 
 LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.jsonl"
 CONFIG = "config.yaml"  # the resolved config of the run, written when it starts
@@ -71,9 +72,11 @@ def write_config(out: str | Path, config: dict) -> None:
 def checkpoint_path(path: str | Path) -> Path:
     """A checkpoint file, or a run folder's best.pt (last.pt before the first improvement); at a
     URI, the local copy of its run folder's file."""
-    if is_uri(path):  # its run folder, fetched
-        folder, _, name = str(path).rstrip("/").rpartition("/")
-        path = checked_out(folder) / name if name.endswith(".pt") else checked_out(str(path))
+    if is_uri(path):  # a local copy of the one file
+        uri = normalised(str(path))
+        if not uri.endswith(".pt"):
+            uri = f"{uri}/{BEST if exists(uri, BEST) else LAST}"
+        return fetched_file(uri)
     path = Path(path)
     if path.is_dir():
         return path / BEST if (path / BEST).exists() else path / LAST
@@ -94,18 +97,22 @@ def load_checkpoint(path: str | Path) -> dict:
 def resumable_state(out: str | Path, config: dict) -> dict | None:
     """The last checkpoint of the run in `out` (a URI: in its checked-out working copy), if
     any. A folder whose checkpoint or config.yaml is of another config is refused, naming
-    `out`: config.yaml covers a run stopped before its first checkpoint reached the folder (a
-    Ray run copies its checkpoints there at the end; they resume from Ray's storage)."""
+    `out`: config.yaml covers a run stopped before its first checkpoint reached the folder."""
     folder = local_folder(out)
     if (folder / LAST).exists():
         state = load_checkpoint(folder / LAST)
-        saved = state["config"]
-    elif (folder / CONFIG).exists():
-        state, saved = None, read_config(folder / CONFIG)
-    else:
-        return None
-    wanted, saved = learning_settings(config), learning_settings(saved)
-    for section, values in wanted.items():
+        refuse_other_config(state["config"], config, out)
+        return state
+    if (folder / CONFIG).exists():
+        refuse_other_config(read_config(folder / CONFIG), config, out)
+    return None
+
+
+def refuse_other_config(saved: dict, config: dict, out: str | Path) -> None:
+    """An InputError naming `out` and the first learning setting that differs. The saved
+    config gets today's defaults for keys it predates (their old behaviour)."""
+    saved = learning_settings(Config.from_dict(saved, source=str(out)).to_dict())
+    for section, values in learning_settings(config).items():
         for key, value in values.items():
             before = saved.get(section, {}).get(key)
             if before != value:
@@ -114,7 +121,6 @@ def resumable_state(out: str | Path, config: dict) -> dict | None:
                     f"now {value!r}); choose another run.out, or delete the folder to start over",
                     path=out,
                 )
-    return state
 
 
 def read_config(path: Path) -> dict:
@@ -135,8 +141,11 @@ def learning_settings(config: dict) -> dict:
         section: {k: v for k, v in values.items() if k not in RESOURCE_KEYS}
         for section, values in config.items()
     }
-    if settings.get("run", {}).get("init_from"):
-        settings["run"]["init_from"] = str(Path(settings["run"]["init_from"]).resolve())
+    start = settings.get("run", {}).get("init_from")
+    if start:
+        settings["run"]["init_from"] = (
+            normalised(start) if is_uri(start) else str(Path(start).resolve())
+        )
     return settings
 
 

@@ -178,7 +178,7 @@ def train_local(
 
     def save(losses: list[float], seconds: float) -> dict:
         record = run.checkpoint(out, losses, seconds)
-        publish(config.run.out)
+        publish(config.run.out, log)
         return record
 
     main_thread = threading.current_thread() is threading.main_thread()
