@@ -6,12 +6,11 @@ Item embedding -> dropout -> 2-layer GRU with learnable initial state -> linear 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from melo_dist.config import ModelConfig
 from melo_dist.models.heads import SequenceRegressor, build_head
-from melo_dist.models.layers import GRU, embed_items
+from melo_dist.models.layers import GRU
 
 
 class GRU4Rec(SequenceRegressor):
@@ -25,9 +24,6 @@ class GRU4Rec(SequenceRegressor):
     def features(self, item_seq: torch.Tensor, skipped: int = 0) -> torch.Tensor:
         """[..., L] item ids (0 = padding) -> [..., L, D] GRU states."""
         return self.gru(self.embed(item_seq), skipped)
-
-    def embed(self, items: torch.Tensor) -> torch.Tensor:
-        return F.dropout(embed_items(self.item_embedding, items), self.dropout, self.training)
 
     def score_candidates(self, context: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """The GRU reads the context once; each candidate is one more step from its state."""

@@ -16,9 +16,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from melo_dist.config import ModelConfig
+from melo_dist.models.layers import embed_items
 
 
 class ReferenceHead(nn.Linear):
@@ -91,7 +93,13 @@ class SequenceRegressor(nn.Module):
     in at most `window_groups` groups of similar length, each without its common padding."""
 
     head: nn.Module
+    item_embedding: nn.Embedding
+    dropout: float
     window_groups = 1  # recurrent: every group is another pass over the time steps
+
+    def embed(self, items: torch.Tensor) -> torch.Tensor:
+        """Item embeddings (padding zeroed) with the backbone's dropout: a GRU's input."""
+        return F.dropout(embed_items(self.item_embedding, items), self.dropout, self.training)
 
     def features(self, item_seq: torch.Tensor, skipped: int = 0) -> torch.Tensor:
         raise NotImplementedError

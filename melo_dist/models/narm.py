@@ -13,7 +13,7 @@ from torch import nn
 
 from melo_dist.config import ModelConfig
 from melo_dist.models.heads import SequenceRegressor, build_head
-from melo_dist.models.layers import GRU, attention_mask, embed_items
+from melo_dist.models.layers import GRU, attention_mask
 
 
 class NARM(SequenceRegressor):
@@ -28,9 +28,6 @@ class NARM(SequenceRegressor):
         self.query_proj = nn.Linear(config.dim, config.dim, bias=False)
         self.score = nn.Linear(config.dim, 1, bias=False)
         self.head = build_head(config, 2 * config.dim, num_items)
-
-    def embed(self, items: torch.Tensor) -> torch.Tensor:
-        return F.dropout(embed_items(self.item_embedding, items), self.dropout, self.training)
 
     def features(self, item_seq: torch.Tensor, skipped: int = 0) -> torch.Tensor:
         """[..., L] item ids (0 = padding) -> [..., L, 2D] local and global context."""
