@@ -23,8 +23,9 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import wraps
+from functools import partial, wraps
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -190,6 +191,29 @@ def publish(path: str | Path, log: Callable[[str], None] | None = None) -> None:
         log(f"{error}; the run folder is copied there again at the next checkpoint")
 
 
+def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write a temporary file in the same folder, fsync it, rename it onto `path`, fsync the
+    folder: after a crash (kill, power loss, full disk) `path` is the old file or the new one,
+    never a torn one, and no temporary file is left behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
 @storage_errors
 def pull(uri: str, local: Path) -> None:
     """Copy the folder at `uri` (if there is one) into `local`, but not Ray's checkpoints."""
@@ -219,9 +243,13 @@ def push(local: Path, uri: str) -> None:
     ]
     for file in sorted(files, key=lambda p: PUSH_ORDER.get(p.name, 0)):
         target = f"{root}/{file.relative_to(local).as_posix()}"
-        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        with file.open("rb") as source, fs.open_output_stream(target) as sink:
-            shutil.copyfileobj(source, sink)
+        with file.open("rb") as source:
+            if isinstance(fs, pafs.LocalFileSystem):  # an object store writes whole objects;
+                write_atomically(target, partial(shutil.copyfileobj, source))  # a file system
+                continue  # needs a temporary file and a rename
+            fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            with fs.open_output_stream(target) as sink:
+                shutil.copyfileobj(source, sink)
 
 
 @storage_errors

@@ -225,6 +225,11 @@ def test_overwrite_replaces_only_a_prepared_dataset(tmp_path):
     with pytest.raises(InputError, match="left untouched"):
         prepare(ratings, own, settings, {"family": "synthetic"}, overwrite=True)
     assert [p.name for p in own.iterdir()] == ["notes.txt"]
+    for text in ("{}", "not json", '{"name": "my web app"}'):  # named so, not written by prepare
+        (own / "manifest.json").write_text(text)
+        with pytest.raises(InputError, match="left untouched"):
+            prepare(ratings, own, settings, {"family": "synthetic"}, overwrite=True)
+        assert sorted(p.name for p in own.iterdir()) == ["manifest.json", "notes.txt"]
     (tmp_path / "file").write_text("x")
     with pytest.raises(InputError, match="not a folder"):
         prepare(ratings, tmp_path / "file", settings, {"family": "synthetic"}, overwrite=True)

@@ -21,6 +21,7 @@ from melo_dist.storage import (
     local_dataset,
     local_folder,
     publish,
+    push,
 )
 from melo_dist.training.checkpoint import (
     BEST,
@@ -159,3 +160,24 @@ def test_a_run_saved_before_a_new_setting_existed_still_resumes(synthetic_dir, t
     saved["meta"]["inner_steps"] = 5
     with pytest.raises(InputError, match=r"meta\.inner_steps was 5"):
         refuse_other_config(saved, config.to_dict(), tmp_path / "run")
+
+
+def test_a_push_cut_short_leaves_the_file_at_a_file_uri_whole(tmp_path, monkeypatch):
+    """A kill in the middle of copying a file up must leave the old file, not a torn one: at a
+    file:// URI each file is written beside its target and renamed onto it."""
+    local, remote = tmp_path / "run", tmp_path / "bucket" / "run"
+    local.mkdir()
+    (local / LAST).write_bytes(b"old checkpoint")
+    uri = remote.as_uri()
+    push(local, uri)
+    (local / LAST).write_bytes(b"new checkpoint, longer than the old one")
+
+    def cut_short(source, sink, *args):
+        sink.write(source.read(5))
+        raise KeyboardInterrupt  # the kill
+
+    monkeypatch.setattr("melo_dist.storage.shutil.copyfileobj", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        push(local, uri)
+    assert (remote / LAST).read_bytes() == b"old checkpoint"
+    assert [p.name for p in remote.iterdir()] == [LAST]  # no temporary file left behind

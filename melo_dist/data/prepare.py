@@ -36,6 +36,7 @@ from melo_dist.storage import clear, is_empty, is_uri, local_dataset, push, read
 
 SPLITS = ("train", "valid", "test")
 MANIFEST = "manifest.json"
+PREPARED_KEYS = {"package_version", "settings", "counts", "tables_sha256"}
 
 
 # Filter and split presets: (min_item_ratings, min_user_ratings, test_users). `default` works
@@ -238,7 +239,7 @@ def prepare(
     if is_uri(out_dir):  # prepared locally, then copied up with its manifest last
         uri = str(out_dir)
         if not is_empty(uri):
-            refuse_overwrite(uri, overwrite, read_bytes(uri, MANIFEST) is not None)
+            refuse_overwrite(uri, overwrite, written_by_prepare(read_bytes(uri, MANIFEST)))
         with tempfile.TemporaryDirectory(prefix="melo-prepare-") as local:
             staged = Path(local) / "dataset"
             manifest = prepare(ratings, staged, settings, source, progress=progress)
@@ -250,7 +251,9 @@ def prepare(
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError("output path exists and is not a folder", path=out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
-        refuse_overwrite(out_dir, overwrite, (out_dir / MANIFEST).is_file())
+        manifest = out_dir / MANIFEST
+        content = manifest.read_bytes() if manifest.is_file() else None
+        refuse_overwrite(out_dir, overwrite, written_by_prepare(content))
     progress(f"filtering {len(ratings):,} ratings")
     ordered, counts = filter_and_order(ratings, settings)
     kept = counts["rows_after_user_filter"] / max(counts["rows_read"], 1)
@@ -336,6 +339,16 @@ def replace_dir(staging: Path, out_dir: Path) -> None:
         os.replace(staging, out_dir)
 
 
+def written_by_prepare(manifest: bytes | None) -> bool:
+    """Whether a folder's manifest.json (its bytes, None if there is none) is one `prepare`
+    wrote: a JSON object with the keys it always writes. A file that is merely called so is not."""
+    try:
+        content = json.loads(manifest) if manifest is not None else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(content, dict) and content.keys() >= PREPARED_KEYS
+
+
 def refuse_overwrite(out: str | Path, overwrite: bool, is_dataset: bool) -> None:
     """The checks before writing into a folder that is not empty."""
     if not overwrite:
@@ -344,7 +357,7 @@ def refuse_overwrite(out: str | Path, overwrite: bool, is_dataset: bool) -> None
         )
     if not is_dataset:  # never delete a folder prepare did not write
         raise InputError(
-            "--overwrite replaces only a dataset `prepare` wrote (a folder with "
+            "--overwrite replaces only a dataset `prepare` wrote (a folder with its "
             f"{MANIFEST}); this folder holds other files, so it is left untouched",
             path=out,
         )

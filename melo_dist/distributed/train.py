@@ -45,6 +45,7 @@ from melo_dist.storage import (
     normalised,
     publish,
     subfolders,
+    write_atomically,
 )
 from melo_dist.training.checkpoint import (
     BEST,
@@ -54,7 +55,6 @@ from melo_dist.training.checkpoint import (
     load_checkpoint,
     refuse_other_config,
     resumable_state,
-    write_atomically,
     write_config,
 )
 from melo_dist.training.loop import StopRequest, train

@@ -12,10 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 import yaml
@@ -23,7 +20,15 @@ import yaml
 from melo_dist.config import Config
 from melo_dist.errors import InputError
 from melo_dist.runtime import log
-from melo_dist.storage import exists, fetched_file, is_uri, local_dataset, local_folder, normalised
+from melo_dist.storage import (
+    exists,
+    fetched_file,
+    is_uri,
+    local_dataset,
+    local_folder,
+    normalised,
+    write_atomically,
+)
 
 LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.jsonl"
 CONFIG = "config.yaml"  # the resolved config of the run, written when it starts
@@ -32,29 +37,6 @@ RESOURCE_KEYS = ("path", "out", "threads")  # where and with what a run runs, no
 
 def manifest_hash(data_dir: str | Path) -> str:
     return hashlib.sha256((local_dataset(data_dir) / "manifest.json").read_bytes()).hexdigest()
-
-
-def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write a temporary file in the same folder, fsync it, rename it onto `path`, fsync the
-    folder: after a crash (kill, power loss, full disk) `path` is the old file or the new one,
-    never a torn one, and no temporary file is left behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
