@@ -312,10 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=0,
-        help="Ray Train workers (0: in-process, no Ray); joins $RAY_ADDRESS or starts local Ray",
+        help="Ray Train workers (0: in-process, no Ray); joins $RAY_ADDRESS or a running Ray, "
+        "or starts a local one",
     )
     train.add_argument(
-        "--cpus-per-worker", type=float, help="default: up to 1, leaving half a CPU for Ray Data"
+        "--cpus-per-worker",
+        type=float,
+        help="default: 1 on a joined cluster; on a local Ray this command starts, up to 1, "
+        "leaving half a CPU for Ray Data",
     )
     train.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     train.add_argument(

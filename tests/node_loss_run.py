@@ -15,7 +15,7 @@ from conftest import tiny_config  # this script lives in tests/, beside conftest
 from ray.cluster_utils import Cluster
 from test_distributed import registered_checkpoints
 
-from melo_dist.distributed.train import RAY_CHECKPOINTS, fit
+from melo_dist.distributed.train import RAY_CHECKPOINTS, default_cpus_per_worker, fit
 
 
 def main(data_dir: str, out: str) -> None:
@@ -24,7 +24,7 @@ def main(data_dir: str, out: str) -> None:
     doomed = cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, log_to_driver=False)
     config = tiny_config(data_dir, out, iterations=8, inner_steps=1)
-    outcome: dict = {}
+    outcome: dict = {"joined_cpus_per_worker": default_cpus_per_worker(2)}
 
     def train() -> None:
         try:  # 0.75 CPU each: the two workers cannot share a 1-CPU node, one runs on `doomed`
@@ -48,7 +48,8 @@ def main(data_dir: str, out: str) -> None:
     records = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     iterations = [r["iteration"] for r in records]
     resumed_from = outcome["best"]["resumed_from"]
-    print(json.dumps({"removed": removed, "iterations": iterations, "resumed_from": resumed_from}))
+    summary = {"removed": removed, "iterations": iterations, "resumed_from": resumed_from}
+    print(json.dumps({**summary, "joined_cpus_per_worker": outcome["joined_cpus_per_worker"]}))
     ray.shutdown()
     cluster.shutdown()
 

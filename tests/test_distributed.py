@@ -168,6 +168,7 @@ def test_training_survives_losing_a_node(synthetic_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["removed"]
+    assert summary["joined_cpus_per_worker"] == 1.0  # a joined cluster: not a share of its size
     assert summary["resumed_from"] > 0  # the new worker group continued from a checkpoint
     assert summary["iterations"] == sorted(set(summary["iterations"]))
     assert summary["iterations"][-1] == 8
@@ -234,11 +235,10 @@ def test_trainer_names_come_from_the_whole_run_path():
     assert trainer_name("/work/a/run") == trainer_name("/work/a/run")
 
 
-def test_workers_take_one_cpu_on_a_joined_cluster(ray_session, monkeypatch):
-    """An autoscaling cluster may be empty at submit time: its size must not set the CPUs."""
+def test_workers_share_a_local_instance_started_here(ray_session):
+    """Only the instance this process started is sized by its CPUs; on a joined cluster (which
+    may be empty at submit time) a worker takes 1 CPU: test_training_survives_losing_a_node."""
     assert default_cpus_per_worker(16) == 0.25  # the local instance: what fits (2 CPUs here)
-    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
-    assert default_cpus_per_worker(16) == 1.0
 
 
 def test_connect_with_verbose_output_joins_the_running_instance(ray_session):

@@ -10,7 +10,6 @@ ranks stay identical. Nothing algorithmic lives here.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tempfile
 import threading
@@ -235,13 +234,21 @@ def trainer_name(out: str) -> str:
 
 
 def default_cpus_per_worker(workers: int) -> float:
-    """One CPU a worker on a joined cluster (RAY_ADDRESS): an autoscaling cluster's size at
-    submit time says nothing (an empty one would give 0.25). On the local instance this process
-    started, what fits beside half a CPU for Ray Data (at most 1)."""
-    if os.environ.get("RAY_ADDRESS"):
+    """One CPU a worker on a cluster this process joined (RAY_ADDRESS, `ray job submit`, an
+    address, or one Ray found running on this machine): an autoscaling cluster's size at submit
+    time says nothing (an empty one would give 0.25). On a local instance this process started,
+    what fits beside half a CPU for Ray Data (at most 1)."""
+    if not started_here():
         return 1.0
     cpus = ray.cluster_resources().get("CPU", 1.0)
     return max(0.25, min(1.0, (cpus - DATA_CPUS) / workers))
+
+
+def started_here() -> bool:
+    """Whether `ray.init` in this process started the instance it is connected to. Ray has no
+    public call for it; its node object is the head only when this process launched it."""
+    node = ray._private.worker._global_node
+    return node is not None and node.head
 
 
 def build_trainer(
@@ -413,7 +420,8 @@ def forwarded(progress: Callable[[dict], None] | None) -> Iterator[Queue | None]
 
 
 def connect(verbose: bool = False) -> None:
-    """Join the cluster named by RAY_ADDRESS, or start a local Ray instance when there is none.
+    """Join the cluster named by RAY_ADDRESS (or one running on this machine), or start a local
+    Ray instance when there is none.
     Unless `verbose`, Ray's INFO logging and its processes' output stay out of this console
     (errors still surface where they are raised)."""
     if not verbose:
