@@ -61,9 +61,9 @@ def test_cluster_yaml_shape():
     assert types[cluster["head_node_type"]]["resources"]["CPU"] > 0
 
 
-def test_rayjob_manifest_runs_the_train_job_entry_point_with_auth_and_shared_storage():
+def test_rayjob_manifest_runs_the_train_job_entry_point_with_auth_and_storage_at_uris():
     """rayjob.yaml (KubeRay) submits what `ray job submit` does, with token auth on, the
-    project's dependencies, and the data, run folder and checkpoints on one shared volume."""
+    project's dependencies, and the data, run folder and checkpoints at s3:// URIs."""
     job = yaml.safe_load((ROOT / "rayjob.yaml").read_text())
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
     entry = job["spec"]["entrypoint"].split()
@@ -71,7 +71,6 @@ def test_rayjob_manifest_runs_the_train_job_entry_point_with_auth_and_shared_sto
     config = entry[entry.index("--config") + 1]
     assert (ROOT / config).exists()
     settings = dict(entry[i + 1].split("=", 1) for i, a in enumerate(entry) if a == "--set")
-    storage = entry[entry.index("--storage") + 1]
     runtime = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     assert runtime["excludes"] == [".venv", ".git", "runs", "data"]  # as `ray job submit`
     packages = runtime["pip"]["packages"]
@@ -87,7 +86,11 @@ def test_rayjob_manifest_runs_the_train_job_entry_point_with_auth_and_shared_sto
     for pod in pods:
         (container,) = pod["template"]["spec"]["containers"]
         assert container["image"].startswith(f"rayproject/ray:{ray.__version__}")
-        mounts = {m["mountPath"] for m in container["volumeMounts"]}
-        assert mounts == {"/shared"}
-    for path in (settings["data.path"], settings["run.out"], storage):
-        assert path.startswith("/shared/")  # every node sees the same files
+        assert "volumeMounts" not in container and "volumes" not in pod["template"]["spec"]
+        assert pod["template"]["spec"]["serviceAccountName"]  # the pod's own S3 credentials
+    # every node reads and writes the same bucket: no shared volume; Ray's checkpoints go to
+    # run.out/ray-checkpoints at the URI
+    assert "--storage" not in entry
+    for key in ("data.path", "run.out"):
+        assert settings[key].startswith("s3://"), key
+    assert runtime["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "60"
