@@ -3,7 +3,8 @@
 # 2-trial sweep job, wait for SUCCEEDED, check the artifacts, stop the head. Run by `make test`
 # before pytest. A shared machine may run other Ray clusters: this head gets its own temp dir
 # and free ports, and only its own processes are stopped (never `ray stop`, which stops all).
-# Token authentication stays on: a fresh token, the same on the head and the job CLI.
+# Token authentication stays on: a fresh token, the same on the head and the job CLI; requests
+# without it, or with another token, are shown to be refused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$PWD/.venv/bin
@@ -39,6 +40,20 @@ for _ in $(seq 60); do  # the job agent starts a little after the head
   ray job list --address "$address" >/dev/null 2>&1 && break
   sleep 1
 done
+# Token auth is on: the job API refuses a request without the token, and one with another.
+python - "$address" <<'PY'
+import sys, urllib.error, urllib.request
+try:
+    urllib.request.urlopen(f"{sys.argv[1]}/api/jobs/", timeout=30)
+    sys.exit("[job-submit smoke] the job API answered a request without the token")
+except urllib.error.HTTPError as error:
+    assert error.code in (401, 403), error.code
+PY
+python -c 'import secrets; print(secrets.token_hex(32))' > "$work/other_token"
+if RAY_AUTH_TOKEN_PATH=$work/other_token ray job list --address "$address" >/dev/null 2>&1; then
+  echo "[job-submit smoke] the job API accepted another token"; exit 1
+fi
+echo "[job-submit smoke] ok: requests without the token or with another one are refused"
 id=melo-smoke-$$
 ray job submit --address "$address" --submission-id "$id" \
   --runtime-env-json '{"working_dir": ".", "excludes": [".venv", ".git", "runs", "data"]}' \
