@@ -73,7 +73,7 @@ def test_served_predictions_are_the_api_s_and_concurrent_requests_batch(
         )
     assert max(reply["batch_size"] for _, reply in replies) > 1
     for request, (status, reply) in zip(requests, replies):
-        assert status == 200 and reply["model"] == health["model"]
+        assert status == 200 and reply["model"] == health["model"] and reply["compute_ms"] > 0
         expected = model.adapt(
             request["history"]["items"], request["history"]["ratings"], request["user_id"]
         )

@@ -3,10 +3,12 @@ history and predicts its candidates; concurrent requests are adapted together (`
 
     POST /predict  {"history": {"items": [...], "ratings": [...]}, "candidates": [...],
                     "user_id": "optional: seeds the support windows, as evaluation does"}
-              ->   {"predictions": [...], "batch_size": 3, "model": {...}}
+              ->   {"predictions": [...], "batch_size": 3, "compute_ms": 41.0, "model": {...}}
     GET  /health   -> {"status": "ok", "model": {...}}
 
-`batch_size` is how many requests were adapted together with this one. Every response names
+`batch_size` is how many requests were adapted together with this one, `compute_ms` how long
+their adaptation and prediction took on the replica (the rest of a request's latency is HTTP,
+Serve and the batch wait). Every response names
 the model (checkpoint hash, iteration, regime, backbone). A request is
 checked before it joins a batch, so a bad one gets HTTP 400 with the reason and never fails the
 others; bodies over MAX_BODY_BYTES, histories over MAX_HISTORY ratings and over MAX_CANDIDATES
@@ -96,10 +98,15 @@ class ColdStartService:
         so the next batch gathers meanwhile); each gets its predictions and the batch size."""
 
         def run() -> list[dict]:
+            started = time.perf_counter()
             histories = [(r[0], r[1]) for r in requests]
             users = self.model.adapt_many(histories, [r[3] for r in requests])
             predictions = users.predict([r[2] for r in requests])
-            return [{"predictions": p.tolist(), "batch_size": len(requests)} for p in predictions]
+            compute_ms = round((time.perf_counter() - started) * 1000, 2)
+            return [
+                {"predictions": p.tolist(), "batch_size": len(requests), "compute_ms": compute_ms}
+                for p in predictions
+            ]
 
         return await asyncio.get_running_loop().run_in_executor(None, run)
 
