@@ -8,7 +8,8 @@ Each side is one or more checkpoints (e.g. its seeds; their per-user squared err
 averaged, so seed noise shrinks too) or a reference point by name. Both are scored on the same
 targets; the users are resampled (bootstrap, seeded) to give a 95 % interval of
 RMSE(A) - RMSE(B), overall and on the rare rating classes. A difference whose interval
-excludes 0 is one the test users support.
+excludes 0 is one the test users support. (`results/study.py` writes the same comparisons for a
+plan's regimes into its tables; this script compares any checkpoints.)
 """
 
 from __future__ import annotations
@@ -31,10 +32,9 @@ from melo_dist.training.evaluation import (
     eval_batches,
     learner_predictions,
     reference_predictions,
+    rmse_difference,
     user_errors,
 )
-
-RESAMPLES = 2000
 
 
 def user_mse(side: list[str], data, batches, targets) -> np.ndarray:
@@ -49,13 +49,6 @@ def user_mse(side: list[str], data, batches, targets) -> np.ndarray:
         learner = learner_from_state(load_checkpoint(path))
         errors.append(user_errors(learner_predictions(learner, batches), targets)[0])
     return np.mean(errors, axis=0)
-
-
-def interval(a: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> tuple[float, ...]:
-    """RMSE(A) - RMSE(B) over these users, and its bootstrap 2.5 and 97.5 percentiles."""
-    picks = rng.integers(0, len(a), (RESAMPLES, len(a)))
-    diffs = np.sqrt(a[picks].mean(1)) - np.sqrt(b[picks].mean(1))
-    return float(np.sqrt(a.mean()) - np.sqrt(b.mean())), *np.percentile(diffs, [2.5, 97.5])
 
 
 def main() -> None:
@@ -84,7 +77,7 @@ def main() -> None:
         ("rating 1", classes == 1),
         ("rating 2", classes == 2),
     ]:
-        diff, low, high = interval(a[chosen], b[chosen], rng)
+        diff, low, high = rmse_difference(a[chosen], b[chosen], rng)
         rmse_a, rmse_b = np.sqrt(a[chosen].mean()), np.sqrt(b[chosen].mean())
         print(
             f"{name:<8} {chosen.sum():>5}  {rmse_a:7.4f}  {rmse_b:7.4f}  {diff:+.4f}  "

@@ -7,19 +7,27 @@ at once as the Ray instance has CPUs; the basic runs go first, since their embed
 MAML and MELO. With RAY_ADDRESS it joins a cluster whose nodes see this checkout and the work
 folder at the same paths (a shared file system); `--storage` keeps Tune's state there.
 
+`--tables-only` trains nothing: it rewrites the tables from the committed records (all of one
+code version). `make results` runs every plan in results/plans/.
+
 Resumable in parts: every finished run leaves a small record in results/<plan>/runs/<run>.json
-(its test metrics, its validation curve, the git commit and the code's tree hash), committed
-with the results. Re-running the command skips runs whose record was made by the same code and
-continues an interrupted run from its checkpoint; the tables are then rewritten from the
-records (results/<plan>.md and results/<plan>.json). Records of different code are never
-mixed in one table: the command re-runs them instead. Model selection uses validation users
-only (best.pt); each run's test users are scored once, after it finishes.
+(its test metrics, each test user's MSE and target rating, its validation curve, the git
+commit and the code's tree hash), committed with the results. The tables hold, beside the
+means, paired comparisons on the test users (MELO - MAML, MAML - Basic, MELO - the bias and
+factor models, bootstrap intervals) and how far the budget goes (best validation RMSE at a
+quarter, half, three quarters and all of it). Re-running the command skips runs whose record
+was made by the same code and continues an interrupted run from its checkpoint; the tables
+are then rewritten from the records (results/<plan>.md and results/<plan>.json). Records of
+different code are never mixed in one table: the command re-runs them instead. Model
+selection uses validation users only (best.pt); each run's test users are scored once, after
+it finishes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import subprocess
@@ -46,6 +54,7 @@ from melo_dist.training.evaluation import (  # noqa: E402
     eval_batches,
     evaluate_checkpoints,
     reference_points,
+    rmse_difference,
 )
 from melo_dist.training.loop import train_local  # noqa: E402
 
@@ -54,6 +63,9 @@ if __name__ != "__main__":  # imported (tests): Ray's workers get these function
 
 REFERENCES = ("global mean", "item mean", "support mean", "bias model", "factor model")
 REGIMES = ("basic", "maml", "melo")
+BUDGET_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+# paired on the test users: (A, B) of each backbone, A - B; a reference point by its name
+PAIRS = (("melo", "maml"), ("maml", "basic"), ("melo", "bias model"), ("melo", "factor model"))
 
 
 def git(*args: str) -> str:
@@ -122,7 +134,7 @@ def run_settings(plan: dict, run: dict) -> list[str]:
 
 
 def done(run: dict, records_dir: Path, version: dict) -> bool:
-    """Whether the run has a record made by this code with these settings."""
+    """Whether the run has a record made by this code (`version["code"]`) with these settings."""
     record = records_dir / f"{run['name']}.json"
     if not record.exists():
         return False
@@ -150,15 +162,11 @@ def train_and_score(plan: dict, run: dict, data: Path, work: Path, version: dict
     started = time.perf_counter()
     best = train_local(config, log=lambda message: print(f"  {run['name']}: {message}"))
     seconds = time.perf_counter() - started
-    (metrics,) = evaluate_checkpoints([str(out)], "test", references=False).values()
     return {
         **{k: run[k] for k in ("name", "backbone", "regime", "seed", "iterations")},
         "best_iteration": best["iteration"],
         "valid_rmse": best["valid_rmse"],
-        "rmse": metrics["rmse"],
-        "mae": metrics["mae"],
-        "rmse_by_class": {k[5:]: v for k, v in metrics.items() if k.startswith("rmse_")},
-        "users": metrics["users"],
+        **test_scores(out),
         "curve": [[r["iteration"], r["valid_rmse"]] for r in read_metrics(out)],
         "train_seconds": round(seconds, 1),
         "threads": config.run.threads,
@@ -167,25 +175,125 @@ def train_and_score(plan: dict, run: dict, data: Path, work: Path, version: dict
     }
 
 
+def summary(metrics: dict) -> dict:
+    """What a record keeps of a model's test metrics: the table's figures and, for the paired
+    comparisons, each test user's MSE and target rating."""
+    return {
+        "rmse": metrics["rmse"],
+        "mae": metrics["mae"],
+        "rmse_by_class": {k[5:]: v for k, v in metrics.items() if k.startswith("rmse_")},
+        "users": metrics["users"],
+        "user_mse": [float(f"{x:.9g}") for x in metrics["user_mse"]],
+        "user_rating": [float(x) for x in metrics["user_rating"]],
+    }
+
+
+def test_scores(out: Path) -> dict:
+    """The run's best checkpoint scored on the test users, once."""
+    (metrics,) = evaluate_checkpoints([str(out)], "test", references=False, per_user=True).values()
+    return summary(metrics)
+
+
+def with_user_errors(record: dict, records_dir: Path, work: Path) -> dict:
+    """A record of a study from before records kept per-user errors gets them from its run
+    folder, if it is still there: the checkpoint is scored again, and must give the record's
+    own RMSE (the same checkpoint, targets and scoring code), or the study stops."""
+    out = work / record["name"]
+    if "user_mse" in record or not (out / "best.pt").exists():
+        return record
+    scores = test_scores(out)
+    if not math.isclose(scores["rmse"], record["rmse"], rel_tol=1e-9):
+        sys.exit(f"study: {out} now scores {scores['rmse']!r}, its record {record['rmse']!r}")
+    record = {**record, "user_mse": scores["user_mse"], "user_rating": scores["user_rating"]}
+    (records_dir / f"{record['name']}.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
 def references(data: Path) -> dict:
     config = load_config(None, [f"data.path={data}"])
     loaded = load_dataset(config.data)
     batches = list(eval_batches(loaded.split("test"), loaded.spec, config.data.eval_seed))
-    points = reference_points(loaded.train, collect_targets(batches), loaded.num_items)
-    return {
-        name: {
-            "rmse": m["rmse"],
-            "mae": m["mae"],
-            "rmse_by_class": {k[5:]: v for k, v in m.items() if k.startswith("rmse_")},
-        }
-        for name, m in points.items()
-    }
+    points = reference_points(loaded.train, collect_targets(batches), loaded.num_items, True)
+    return {name: summary(m) for name, m in points.items()}
 
 
 def spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.4f}"
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def groups(records: list[dict]) -> list[tuple[str, str, list[dict]]]:
+    """(backbone, regime, its runs) in the plan's backbone order, basic, MAML, MELO."""
+    backbones = dict.fromkeys(r["backbone"] for r in records)
+    return [
+        (backbone, regime, group)
+        for backbone in backbones
+        for regime in REGIMES
+        if (group := [r for r in records if (r["backbone"], r["regime"]) == (backbone, regime)])
+    ]
+
+
+def paired_lines(records: list[dict], refs: dict) -> list[str]:
+    """RMSE(A) - RMSE(B) on the same test users, seeds averaged per user, with a bootstrap
+    95 % interval over users: overall and on the two rarest target ratings."""
+    lacking = [r["name"] for r in records if "user_mse" not in r]
+    if lacking:
+        return ["", f"Paired comparisons: no per-user errors for {', '.join(lacking)}."]
+    rating = np.array(records[0]["user_rating"])
+    levels, counts = np.unique(rating, return_counts=True)
+    rare = sorted(levels[np.argsort(counts, kind="stable")[:2]])
+    subsets = [("all", rating > -np.inf)] + [(f"r={r:g}", rating == r) for r in rare]
+    rng = np.random.default_rng(0)
+    lines = [
+        "",
+        "Paired on the same test users (each user's MSE averaged over seeds; 95 % interval "
+        "from 2,000 bootstrap resamples of the users): RMSE(A) - RMSE(B). An interval that "
+        "excludes 0 is a difference the test users support.",
+        "",
+        "| backbone | A - B | "
+        + " | ".join(f"{name} ({m.sum()} users)" for name, m in subsets)
+        + " |",
+        "|---|---|" + "---|" * len(subsets),
+    ]
+    for backbone in dict.fromkeys(r["backbone"] for r in records):
+        mse = {
+            regime: np.mean([r["user_mse"] for r in group], axis=0)
+            for b, regime, group in groups(records)
+            if b == backbone
+        } | {name: np.array(m["user_mse"]) for name, m in refs.items()}
+        for a, b in PAIRS:
+            if a in mse and b in mse:
+                cells = [
+                    "{:+.4f} [{:+.4f}, {:+.4f}]".format(*rmse_difference(mse[a][m], mse[b][m], rng))
+                    for _, m in subsets
+                ]
+                lines.append(f"| {backbone} | {a} - {b} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def budget_lines(records: list[dict]) -> list[str]:
+    """How far the budget goes: the best validation RMSE up to a fraction of each run's
+    iterations (what model selection would have kept, had the run stopped there)."""
+    lines = [
+        "",
+        "How far the budget goes: best validation RMSE so far at a fraction of each run's "
+        "iterations, mean over seeds.",
+        "",
+        "| backbone | model | " + " | ".join(f"{f:.0%}" for f in BUDGET_FRACTIONS) + " |",
+        "|---|---|" + "---|" * len(BUDGET_FRACTIONS),
+    ]
+    for backbone, regime, group in groups(records):
+        means = [
+            statistics.mean(
+                min((v for it, v in r["curve"] if it <= f * r["iterations"]), default=np.nan)
+                for r in group
+            )
+            for f in BUDGET_FRACTIONS
+        ]
+        shown = ["-" if math.isnan(m) else f"{m:.4f}" for m in means]  # not validated yet
+        lines.append(f"| {backbone} | {regime} | " + " | ".join(shown) + " |")
+    return lines
 
 
 def write_tables(
@@ -204,7 +312,9 @@ def write_tables(
             | {"rmse_by_class": r["rmse_by_class"], "valid_rmse": r["valid_rmse"]}
             for r in records
         ],
-        "references": refs,
+        "references": {
+            name: {k: m[k] for k in ("rmse", "mae", "rmse_by_class")} for name, m in refs.items()
+        },
     }
     (results / f"{name}.json").write_text(json.dumps(machine, indent=1) + "\n")
     classes = sorted({c for r in records for c in r["rmse_by_class"]}, key=float)
@@ -231,19 +341,14 @@ def write_tables(
         + " |",
         "|---|---|---|---|---|" + "---|" * len(classes),
     ]
-    for backbone in dict.fromkeys(r["backbone"] for r in records):
-        for regime in REGIMES:
-            group = [r for r in records if r["backbone"] == backbone and r["regime"] == regime]
-            if not group:
-                continue
-            by_class = [
-                f"{np.mean([r['rmse_by_class'].get(c, np.nan) for r in group]):.3f}"
-                for c in classes
-            ]
-            lines.append(
-                f"| {backbone} | {regime} | {len(group)} | {spread([r['rmse'] for r in group])} "
-                f"| {spread([r['mae'] for r in group])} | " + " | ".join(by_class) + " |"
-            )
+    for backbone, regime, group in groups(records):
+        by_class = [
+            f"{np.mean([r['rmse_by_class'].get(c, np.nan) for r in group]):.3f}" for c in classes
+        ]
+        lines.append(
+            f"| {backbone} | {regime} | {len(group)} | {spread([r['rmse'] for r in group])} "
+            f"| {spread([r['mae'] for r in group])} | " + " | ".join(by_class) + " |"
+        )
     for ref in REFERENCES:
         m = refs[ref]
         by_class = [f"{m['rmse_by_class'].get(c, np.nan):.3f}" for c in classes]
@@ -262,6 +367,7 @@ def write_tables(
             f"| {r['name']} | {r['iterations']} | {r['valid_rmse']:.4f} ({r['best_iteration']}) "
             f"| {r['rmse']:.4f} |"
         )
+    lines += paired_lines(records, refs) + budget_lines(records)
     if plan.get("findings"):
         lines += ["", f"Findings, written by hand from these figures: `{plan['findings']}`."]
     (results / f"{name}.md").write_text("\n".join(lines) + "\n")
@@ -328,6 +434,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default="", help="run only runs whose name contains this")
     parser.add_argument("--storage", help="Tune's experiment state (default: <work>/tune)")
     parser.add_argument("--results", default=str(ROOT / "results"), help="records and tables")
+    parser.add_argument(
+        "--tables-only",
+        action="store_true",
+        help="train nothing: rewrite the tables from the plan's records (of one code version)",
+    )
     args = parser.parse_args(argv)
     plan_path = Path(args.plan).resolve()
     plan = read_yaml(plan_path)
@@ -336,10 +447,18 @@ def main(argv: list[str] | None = None) -> None:
     records_dir = results / plan_path.stem / "runs"
     records_dir.mkdir(parents=True, exist_ok=True)
     version = code_version()
-    if version["dirty"]:
+    if version["dirty"] and not args.tables_only:
         sys.exit("study: commit the code first (melo_dist/, configs/ or the plan has changes)")
     runs = planned_runs(plan)
+    if args.tables_only:  # the records' own code version, whatever the checkout's
+        made = [records_dir / f"{run['name']}.json" for run in runs]
+        codes = {json.loads(p.read_text())["code"] for p in made if p.exists()}
+        if len(codes) > 1:
+            sys.exit(f"study: the records of {plan_path.stem} come from {len(codes)} code versions")
+        version = {"code": codes.pop() if codes else None}
     todo = [run for run in runs if args.only in run["name"] and not done(run, records_dir, version)]
+    if args.tables_only:
+        todo = []
     cpu_hours = (
         sum(
             run["iterations"] * plan["seconds_per_iteration"][f"{run['backbone']} {run['regime']}"]
@@ -364,7 +483,12 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         print(f"{len(missing)} runs still to do ({', '.join(missing)}); tables not written")
         return
-    records = [json.loads((records_dir / f"{run['name']}.json").read_text()) for run in runs]
+    records = [
+        with_user_errors(
+            json.loads((records_dir / f"{run['name']}.json").read_text()), records_dir, work
+        )
+        for run in runs
+    ]
     write_tables(plan_path, plan, records, references(data), results)
     print(f"wrote {results / plan_path.stem}.md and .json")
 

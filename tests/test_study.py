@@ -78,3 +78,29 @@ def test_a_plan_runs_as_a_tune_grid_and_resumes_from_its_records(
     study.main(args)  # every run has its record: nothing trains, the tables are rewritten
     out = capsys.readouterr().out
     assert "runs:" not in out and "wrote" in out
+    table_md = (tmp_path / "tiny.md").read_text()
+    assert (
+        "| gru4rec | maml - basic |" in table_md
+        and "| gru4rec | maml - bias model |" not in table_md
+    )
+    assert "How far the budget goes" in table_md
+    maml = records["maml-gru4rec-s0"]
+    assert len(maml["user_mse"]) == maml["users"] == len(maml["user_rating"])
+
+    # a record from before records kept per-user errors gets them from its run folder, checked
+    # against its own RMSE; --tables-only trains nothing, whatever the checkout's code
+    monkeypatch.setattr(study, "code_version", lambda: {**version, "code": "newer"})
+    older = {k: v for k, v in maml.items() if k not in ("user_mse", "user_rating")}
+    record_path = tmp_path / "tiny" / "runs" / "maml-gru4rec-s0.json"
+    record_path.write_text(json.dumps(older))
+    study.main([*args, "--tables-only"])
+    assert "runs:" not in capsys.readouterr().out
+    assert json.loads(record_path.read_text())["user_mse"] == maml["user_mse"]
+    assert (tmp_path / "tiny.md").read_text() == table_md
+
+    record_path.write_text(json.dumps({**older, "code": "other", "rmse": maml["rmse"] + 0.1}))
+    with pytest.raises(SystemExit, match="2 code versions"):
+        study.main([*args, "--tables-only"])
+    record_path.write_text(json.dumps({**older, "rmse": maml["rmse"] + 0.1}))
+    with pytest.raises(SystemExit, match="now scores"):  # scoring changed: never a quiet mix
+        study.main([*args, "--tables-only"])

@@ -82,8 +82,9 @@ def user_errors(pred: np.ndarray, targets: Targets) -> tuple[np.ndarray, np.ndar
     return (error**2).sum(1) / count, np.abs(error).sum(1) / count
 
 
-def score(pred: np.ndarray, targets: Targets) -> dict[str, float]:
-    """RMSE and MAE (per user, then over users), with the per-rating-class breakdown."""
+def score(pred: np.ndarray, targets: Targets, per_user: bool = False) -> dict:
+    """RMSE and MAE (per user, then over users), with the per-rating-class breakdown; with
+    `per_user`, also each user's MSE and target rating [U] (`user_mse`, `user_rating`)."""
     user_mse, user_mae = user_errors(pred, targets)
     metrics = {
         "rmse": float(np.sqrt(user_mse.mean())),
@@ -95,7 +96,21 @@ def score(pred: np.ndarray, targets: Targets) -> dict[str, float]:
         chosen = user_class == level
         metrics[f"rmse_{level:g}"] = float(np.sqrt(user_mse[chosen].mean()))
         metrics[f"users_{level:g}"] = int(chosen.sum())
+    if per_user:
+        metrics.update(user_mse=user_mse, user_rating=user_class)
     return metrics
+
+
+def rmse_difference(
+    a: np.ndarray, b: np.ndarray, rng: np.random.Generator, resamples: int = 2000
+) -> tuple[float, float, float]:
+    """RMSE(A) - RMSE(B) from the per-user MSEs [U] of two models on the same users, and the
+    2.5 and 97.5 percentiles of the difference over users resampled with replacement: an
+    interval that excludes 0 is a difference the users support."""
+    picks = rng.integers(0, len(a), (resamples, len(a)))
+    diffs = np.sqrt(a[picks].mean(1)) - np.sqrt(b[picks].mean(1))
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return float(np.sqrt(a.mean()) - np.sqrt(b.mean())), float(low), float(high)
 
 
 def learner_predictions(learner: torch.nn.Module, batches: list[TaskBatch]) -> np.ndarray:
@@ -113,10 +128,12 @@ def evaluate_learner(learner: torch.nn.Module, batches: list[TaskBatch], targets
     return score(learner_predictions(learner, batches), targets)
 
 
-def reference_points(train: TaskRows, targets: Targets, num_items: int) -> dict[str, dict]:
+def reference_points(
+    train: TaskRows, targets: Targets, num_items: int, per_user: bool = False
+) -> dict[str, dict]:
     """Scores of the reference predictors on the same targets."""
     predictions = reference_predictions(train, targets, num_items)
-    return {name: score(pred, targets) for name, pred in predictions.items()}
+    return {name: score(pred, targets, per_user) for name, pred in predictions.items()}
 
 
 def reference_predictions(
@@ -153,10 +170,12 @@ def evaluate_checkpoints(
     data_path: str | None = None,
     references: bool = True,
     progress: Callable[[str], None] = lambda message: None,
+    per_user: bool = False,
 ) -> dict[str, dict]:
     """{name: metrics} for each checkpoint (named by its run folder and regime) and, optionally,
     the reference points, all on the same targets of `split`; `progress` hears what is being
-    scored."""
+    scored. With `per_user`, every entry also holds `user_mse` and `user_rating` (each user's
+    MSE and target rating, in the split's order), for paired comparisons."""
     states = [load_checkpoint(path) for path in paths]
     config = Config.from_dict(states[0]["config"])
     if data_path:
@@ -173,13 +192,11 @@ def evaluate_checkpoints(
         learner = learner_from_state(state)
         name = f"{run_config.meta.regime} {run_config.model.backbone} ({Path(path).name})"
         progress(f"scoring {name}: adapting to {len(rows):,} {split} users")
-        results[name] = {
-            **evaluate_learner(learner, batches, targets),
-            "iteration": state["iteration"],
-        }
+        pred = learner_predictions(learner, batches)
+        results[name] = {**score(pred, targets, per_user), "iteration": state["iteration"]}
     if references:
         progress("fitting the reference points on the same support sets")
-        results.update(reference_points(data.train, targets, data.num_items))
+        results.update(reference_points(data.train, targets, data.num_items, per_user))
     return results
 
 
