@@ -64,6 +64,7 @@ if __name__ != "__main__":  # imported (tests): Ray's workers get these function
 REFERENCES = ("global mean", "item mean", "support mean", "bias model", "factor model")
 REGIMES = ("basic", "maml", "melo")
 BUDGET_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+PER_USER = ("user_mse", "user_rating")  # each test user's MSE and target rating
 # paired on the test users: (A, B) of each backbone, A - B; a reference point by its name
 PAIRS = (("melo", "maml"), ("maml", "basic"), ("melo", "bias model"), ("melo", "factor model"))
 
@@ -183,7 +184,7 @@ def summary(metrics: dict) -> dict:
         "mae": metrics["mae"],
         "rmse_by_class": {k[5:]: v for k, v in metrics.items() if k.startswith("rmse_")},
         "users": metrics["users"],
-        "user_mse": [float(f"{x:.9g}") for x in metrics["user_mse"]],
+        "user_mse": [float(f"{x:.6g}") for x in metrics["user_mse"]],
         "user_rating": [float(x) for x in metrics["user_rating"]],
     }
 
@@ -192,6 +193,14 @@ def test_scores(out: Path) -> dict:
     """The run's best checkpoint scored on the test users, once."""
     (metrics,) = evaluate_checkpoints([str(out)], "test", references=False, per_user=True).values()
     return summary(metrics)
+
+
+def write_record(folder: Path, record: dict) -> None:
+    """results/<plan>/runs/<run>.json: one field a line, the per-user lists each on one."""
+    lists = [key for key in PER_USER if key in record]
+    text = json.dumps({k: v for k, v in record.items() if k not in lists}, indent=1)
+    compact = "".join(f',\n "{k}": {json.dumps(record[k], separators=(",", ":"))}' for k in lists)
+    (folder / f"{record['name']}.json").write_text(text[:-2] + compact + "\n}\n")
 
 
 def with_user_errors(record: dict, records_dir: Path, work: Path) -> dict:
@@ -205,7 +214,7 @@ def with_user_errors(record: dict, records_dir: Path, work: Path) -> dict:
     if not math.isclose(scores["rmse"], record["rmse"], rel_tol=1e-9):
         sys.exit(f"study: {out} now scores {scores['rmse']!r}, its record {record['rmse']!r}")
     record = {**record, "user_mse": scores["user_mse"], "user_rating": scores["user_rating"]}
-    (records_dir / f"{record['name']}.json").write_text(json.dumps(record, indent=1) + "\n")
+    write_record(records_dir, record)
     return record
 
 
@@ -387,7 +396,7 @@ class Records(tune.Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         record = json.loads(result["record"])
-        (self.folder / f"{record['name']}.json").write_text(json.dumps(record, indent=1) + "\n")
+        write_record(self.folder, record)
         minutes = record["train_seconds"] / 60
         print(f"  {record['name']}: test RMSE {record['rmse']:.4f} ({minutes:.0f} min)", flush=True)
 
