@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -104,3 +105,44 @@ def test_a_plan_runs_as_a_tune_grid_and_resumes_from_its_records(
     record_path.write_text(json.dumps({**older, "rmse": maml["rmse"] + 0.1}))
     with pytest.raises(SystemExit, match="now scores"):  # scoring changed: never a quiet mix
         study.main([*args, "--tables-only"])
+
+
+@pytest.mark.parametrize("plan", ["ml100k", "ml1m-subset", "ml1m-rare"])
+def test_results_tables_are_what_the_study_writes_from_their_records(study, plan, tmp_path):
+    """results/<plan>.md and .json are the study command's output for the committed records:
+    rewritten from them (with the reference points fitted again on a fresh preparation of the
+    plan's data), they come out byte for byte the same, so no hand edit survives."""
+    plan_file = ROOT / "results" / "plans" / f"{plan}.yaml"
+    shared_file(study.read_yaml(plan_file)["data"]["file"])
+    (tmp_path / plan).mkdir()
+    shutil.copytree(ROOT / "results" / plan / "runs", tmp_path / plan / "runs")
+    work = tmp_path / "work"  # no run folders: the records alone
+    study.main([str(plan_file), "--tables-only", "--work", str(work), "--results", str(tmp_path)])
+    md = (tmp_path / f"{plan}.md").read_text()
+    assert md == (ROOT / "results" / f"{plan}.md").read_text()
+    # the reference points are fitted again (BLAS may round the last bit otherwise elsewhere)
+    written, committed = (
+        json.loads((p / f"{plan}.json").read_text()) for p in (tmp_path, ROOT / "results")
+    )
+    written, committed = flattened(written), flattened(committed)
+    assert written.keys() == committed.keys()
+    numbers = {k for k, v in committed.items() if isinstance(v, float)}
+    assert {k: written[k] for k in numbers} == pytest.approx({k: committed[k] for k in numbers})
+    assert {k: written[k] for k in written.keys() - numbers} == {
+        k: committed[k] for k in committed.keys() - numbers
+    }
+
+
+def flattened(value, key: str = "") -> dict:
+    """A nested JSON value as {path: leaf}, for comparing numbers with a tolerance."""
+    if isinstance(value, dict):
+        return {
+            k: v
+            for name, item in value.items()
+            for k, v in flattened(item, f"{key}/{name}").items()
+        }
+    if isinstance(value, list):
+        return {
+            k: v for i, item in enumerate(value) for k, v in flattened(item, f"{key}/{i}").items()
+        }
+    return {key: value}
