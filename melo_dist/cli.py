@@ -384,7 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     served.add_argument("--threads", type=int, default=1, help="torch threads per replica")
     served.add_argument("--max-batch-size", type=int, default=16, help="requests adapted together")
     served.add_argument(
-        "--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill"
+        "--batch-wait-ms",
+        type=float,
+        default=15.0,
+        help="how long a batch waits to fill (batches fill under load; a lone user waits it)",
     )
     served.set_defaults(run=cmd_serve)
 

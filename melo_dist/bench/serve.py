@@ -86,7 +86,7 @@ def run(options: list[str]) -> tuple[str, list, dict]:
     parser.add_argument("--history", type=int, default=30)
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--batch-wait-ms", type=float, default=5.0)
+    parser.add_argument("--batch-wait-ms", type=float, default=15.0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the replica")
     args = parser.parse_args(options)
     from ray import serve

@@ -81,7 +81,7 @@ class ColdStartService:
         checkpoint: str,
         data: str | None = None,
         max_batch_size: int = 16,
-        batch_wait_ms: float = 5.0,
+        batch_wait_ms: float = 15.0,
         threads: int = 1,
     ) -> None:
         import torch
