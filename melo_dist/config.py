@@ -23,7 +23,7 @@ ADAPT = ("all", "no_embeddings", "head")
 HEADS = ("reference", "bias")
 QUERY_LOSSES = ("last", "all")
 USER_STEPS = ("gradient", "newton")
-OUTER_LOSSES = ("mse", "class_balanced")
+OUTER_LOSSES = ("mse", "class_balanced", "encoder_balanced")
 # Every numeric setting's lower bound: (key, bound, whether the bound itself is allowed).
 LOWER_BOUNDS = [
     ("data.window", 3, True),
@@ -106,8 +106,10 @@ class MetaConfig:
     adapt: str = "all"  # all | no_embeddings | head
     query_loss: str = "last"  # outer loss on each query's target (last) or every position (all)
     outer_loss: str = "mse"  # mse | class_balanced: each target weighted 1 / (K * its level's
-    # share of the training ratings), so every rating level weighs the same in the outer loss
-    outer_balance: float = 1.0  # class_balanced: weights share^-outer_balance (mean 1), from
+    # share of the training ratings), so every rating level weighs the same in the outer loss |
+    # encoder_balanced: the recommender and inner lrs learn from plain MSE, MELO's task-state
+    # encoder from the class-balanced loss
+    outer_balance: float = 1.0  # *_balanced: weights share^-outer_balance (mean 1), from
     # 0 (plain MSE) to 1 (every level the same); 0.5 = square-root balancing
     tasks_per_batch: int = 16  # the meta-batch (global, across workers)
     multi_step_iterations: int = 1000  # MAML++ multi-step loss for the first N iterations

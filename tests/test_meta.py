@@ -183,6 +183,34 @@ def test_batched_meta_step_matches_per_task_loop_class_balanced_outer_loss(regim
     )
 
 
+@pytest.mark.parametrize("regime", ["maml", "melo"])
+def test_encoder_balanced_outer_loss_splits_the_gradient(regime):
+    """meta.outer_loss=encoder_balanced: the encoder's gradient is the class-balanced loss's,
+    every other one (and the reported loss) plain MSE's; batched equals the task loop."""
+    config = small_config("sasrec", regime, inner_steps=2, multi_step_iterations=10)
+    learners = {}
+    for outer_loss in ("encoder_balanced", "class_balanced", "mse"):
+        config.meta.outer_loss = outer_loss
+        learners[outer_loss] = learner_for(config)
+        if outer_loss != "mse":
+            learners[outer_loss].outer_weights.copy_(torch.tensor([4.0, 2.0, 1.0, 0.5, 0.25]))
+    batch = small_batch()
+    loss, grads = meta_step(learners["encoder_balanced"], batch, 3)
+    oracle_loss, oracle_grads = reference_meta_step(learners["encoder_balanced"], batch, 3)
+    assert torch.allclose(loss, oracle_loss, rtol=1e-10)
+    assert_same(grads, oracle_grads)
+    mse_loss, mse = meta_step(learners["mse"], batch, 3)
+    _, balanced = meta_step(learners["class_balanced"], batch, 3)
+    assert torch.allclose(loss, mse_loss, rtol=1e-12)
+    encoder = {n for n in grads if n.startswith("weight_net.")}
+    assert (regime == "melo") == bool(encoder)  # MAML has no encoder: plain MSE throughout
+    others = grads.keys() - encoder
+    assert_same({n: grads[n] for n in others}, {n: mse[n] for n in others})
+    if encoder:  # the balanced loss's, which moves the encoder otherwise than plain MSE
+        assert_same({n: grads[n] for n in encoder}, {n: balanced[n] for n in encoder})
+        assert any(not torch.allclose(grads[n], mse[n]) for n in encoder)
+
+
 @pytest.mark.parametrize("iteration", [3, 12], ids=["multi-step", "past-multi-step"])
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_batched_meta_step_matches_per_task_loop_softmax_encoder(backbone, iteration):

@@ -185,7 +185,8 @@ class MetaLearner(nn.Module):
             }
         )
         self.scale = scale  # predictions are compared with rating / scale
-        if meta.outer_loss == "class_balanced":  # per rating level; set from the training data
+        self.outer_loss = meta.outer_loss
+        if meta.outer_loss != "mse":  # per rating level; set from the training data
             self.register_buffer("levels", torch.tensor(levels, dtype=torch.float32))
             self.register_buffer("outer_weights", torch.ones(len(levels)))
         # meta.user_step=newton: the user bias and factors step along the damped Newton
@@ -197,13 +198,14 @@ class MetaLearner(nn.Module):
                 torch.full((meta.inner_steps, len(self.user_params)), math.log(meta.user_damping))
             )
 
-    def loss(self, batch: TaskBatch, iteration: int) -> torch.Tensor:
-        return meta_loss(self, batch, iteration)
+    @property
+    def encoder_balanced(self) -> bool:
+        """meta.outer_loss=encoder_balanced, with an encoder that learns (MELO's)."""
+        learns = any(p.requires_grad for p in self.weight_net.parameters())
+        return self.outer_loss == "encoder_balanced" and learns
 
-    def target_weights(self, ratings: torch.Tensor) -> torch.Tensor | None:
-        """meta.outer_loss=class_balanced: each query position's weight, by its rating level."""
-        if not hasattr(self, "outer_weights"):
-            return None
+    def target_weights(self, ratings: torch.Tensor) -> torch.Tensor:
+        """The class-balanced outer loss: each query position's weight, by its rating level."""
         per_level = torch.cat([self.outer_weights.new_zeros(1), self.outer_weights])
         return per_level[rating_levels_index(ratings, self.levels.to(ratings.dtype))].to(
             ratings.dtype
@@ -326,8 +328,11 @@ class MetaLearner(nn.Module):
 # -- 3. the outer loss --------------------------------------------------------------------
 
 
-def meta_loss(learner: MetaLearner, batch: TaskBatch, iteration: int) -> torch.Tensor:
-    """The meta-batch's outer loss: mean over tasks of the query MSE after adaptation.
+def meta_loss(
+    learner: MetaLearner, batch: TaskBatch, iteration: int, balanced: bool = False
+) -> torch.Tensor:
+    """The meta-batch's outer loss: mean over tasks of the query MSE after adaptation (each
+    target weighted by its rating level's class-balanced weight when `balanced`).
 
     By default only each query's last position (the target) is scored, as in evaluation: the
     earlier positions of a query are interactions the support windows already hold, so scoring
@@ -342,7 +347,7 @@ def meta_loss(learner: MetaLearner, batch: TaskBatch, iteration: int) -> torch.T
     importance = step_importance(learner.steps, iteration, learner.multi_step_iterations)
     target = batch.query_ratings / learner.scale
     scored = last_position(batch.query_mask) if learner.query_loss == "last" else batch.query_mask
-    weights = learner.target_weights(batch.query_ratings)
+    weights = learner.target_weights(batch.query_ratings) if balanced else None
     predict = learner.predictor(trajectory[0], batch.query_items)
     loss = batch.query_ratings.new_zeros(())
     for fast, weight in zip(trajectory, importance):
@@ -356,11 +361,22 @@ def meta_loss(learner: MetaLearner, batch: TaskBatch, iteration: int) -> torch.T
 
 
 def meta_step(
-    learner: nn.Module, batch: TaskBatch, iteration: int
+    learner: nn.Module, batch: TaskBatch, iteration: int, outer_loss: Callable = meta_loss
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(loss, gradient of every learner parameter); parameters the loss does not reach get 0.
-    Any learner with a `loss(batch, iteration)` steps the same way (`BasicLearner` too)."""
-    return with_gradients(learner, learner.loss(batch, iteration))
+    Any other learner with a `loss(batch, iteration)` steps on it (`BasicLearner`).
+    meta.outer_loss=encoder_balanced: the task-state encoder's gradient comes from the
+    class-balanced outer loss (a second adaptation), every other one from plain MSE.
+    `outer_loss` is the loss as computed (`melo_dist.meta.reference` passes its task loop)."""
+    if not isinstance(learner, MetaLearner):
+        return with_gradients(learner, learner.loss(batch, iteration))
+    balanced = learner.outer_loss == "class_balanced"
+    loss, grads = with_gradients(learner, outer_loss(learner, batch, iteration, balanced))
+    if learner.encoder_balanced:
+        encoder_loss = outer_loss(learner, batch, iteration, True)
+        _, encoder = with_gradients(learner.weight_net, encoder_loss)
+        grads.update({f"weight_net.{name}": grad for name, grad in encoder.items()})
+    return loss, grads
 
 
 def with_gradients(

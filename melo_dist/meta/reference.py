@@ -11,7 +11,7 @@ import torch
 from torch.func import functional_call
 
 from melo_dist.data.tasks import TaskBatch
-from melo_dist.meta.melo import MetaLearner, lr_key, step_importance, with_gradients
+from melo_dist.meta.melo import MetaLearner, lr_key, meta_step, step_importance
 from melo_dist.models.heads import user_regressors
 
 
@@ -22,7 +22,9 @@ def task_mse(pred, target, mask, weights=None):
     return terms.sum() / max(int(torch.count_nonzero(terms)), 1)
 
 
-def reference_meta_loss(learner: MetaLearner, batch: TaskBatch, iteration: int) -> torch.Tensor:
+def reference_meta_loss(
+    learner: MetaLearner, batch: TaskBatch, iteration: int, balanced: bool = False
+) -> torch.Tensor:
     params = dict(learner.backbone.named_parameters())
     importance = step_importance(learner.steps, iteration, learner.multi_step_iterations)
     scale, losses = learner.scale, []
@@ -65,13 +67,12 @@ def reference_meta_loss(learner: MetaLearner, batch: TaskBatch, iteration: int) 
                 if learner.query_loss == "last":  # each query's target only
                     q_mask = q_mask & (torch.arange(q_mask.shape[-1]) == q_mask.shape[-1] - 1)
                 q_se = (q_pred - batch.query_ratings[b] / scale) ** 2
-                weights = learner.target_weights(batch.query_ratings[b])
-                if weights is not None:
-                    q_se = weights * q_se
+                if balanced:
+                    q_se = learner.target_weights(batch.query_ratings[b]) * q_se
                 task_loss = task_loss + importance[step] * q_se[q_mask].mean()
         losses.append(task_loss)
     return torch.stack(losses).mean()
 
 
 def reference_meta_step(learner: MetaLearner, batch: TaskBatch, iteration: int):
-    return with_gradients(learner, reference_meta_loss(learner, batch, iteration))
+    return meta_step(learner, batch, iteration, outer_loss=reference_meta_loss)
