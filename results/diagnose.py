@@ -18,11 +18,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from melo_dist.config import Config
-from melo_dist.data.dataset import load_dataset
 from melo_dist.meta import learner_from_state
 from melo_dist.report.learned import rmse_by_steps, weights_by_rating
 from melo_dist.training.checkpoint import load_checkpoint
-from melo_dist.training.evaluation import collect_targets, eval_batches
+from melo_dist.training.evaluation import split_targets
 
 
 def main() -> None:
@@ -33,11 +32,9 @@ def main() -> None:
     torch.set_num_threads(1)
     state = load_checkpoint(args.checkpoint)
     config = Config.from_dict(state["config"])
-    data = load_dataset(config.data)
     learner = learner_from_state(state)
-    rows = data.split(args.split)
-    batches = list(eval_batches(rows, data.spec, config.data.eval_seed))
-    rmse = rmse_by_steps(learner, batches, collect_targets(batches))
+    _, batches, targets = split_targets(config, args.split)
+    rmse = rmse_by_steps(learner, batches, targets)
     print(f"{args.checkpoint} (iteration {state['iteration']}), {args.split} users:")
     print("  RMSE after 0..J inner steps: " + " / ".join(f"{r:.4f}" for r in rmse))
     weights = weights_by_rating(learner, batches)

@@ -21,15 +21,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from melo_dist.config import Config
-from melo_dist.data.dataset import load_dataset
 from melo_dist.meta import learner_from_state
 from melo_dist.training.checkpoint import load_checkpoint
 from melo_dist.training.evaluation import (
-    collect_targets,
-    eval_batches,
     learner_predictions,
     reference_predictions,
     score,
+    split_targets,
 )
 
 BLEND_WEIGHTS = np.linspace(0, 1, 11)
@@ -38,12 +36,7 @@ BLEND_WEIGHTS = np.linspace(0, 1, 11)
 def predictions(runs: dict[str, list[Path]], split: str) -> tuple[dict, np.ndarray, object]:
     """{prefix: [U, Q] per seed}, the factor model's [U, Q], and the targets of `split`."""
     first = load_checkpoint(next(iter(runs.values()))[0])
-    config = Config.from_dict(first["config"])
-    config.data.valid_users, config.data.valid_targets = 0, 1
-    data = load_dataset(config.data)
-    rows = data.valid if split == "valid" else data.split(split)
-    batches = list(eval_batches(rows, data.spec, config.data.eval_seed))
-    targets = collect_targets(batches)
+    data, batches, targets = split_targets(Config.from_dict(first["config"]), split)
     seeds = {
         prefix: [
             learner_predictions(learner_from_state(load_checkpoint(p)), batches) for p in paths

@@ -24,15 +24,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from melo_dist.config import Config
-from melo_dist.data.dataset import load_dataset
 from melo_dist.meta import learner_from_state
 from melo_dist.training.checkpoint import load_checkpoint
 from melo_dist.training.evaluation import (
-    collect_targets,
-    eval_batches,
     learner_predictions,
     reference_predictions,
     rmse_difference,
+    split_targets,
     user_errors,
 )
 
@@ -62,11 +60,7 @@ def main() -> None:
     if first is None:
         raise SystemExit("at least one side must be checkpoints (they name the dataset)")
     config = Config.from_dict(load_checkpoint(first)["config"])
-    config.data.valid_users, config.data.valid_targets = 0, 1
-    data = load_dataset(config.data)
-    rows = data.valid if args.split == "valid" else data.split(args.split)
-    batches = list(eval_batches(rows, data.spec, config.data.eval_seed))
-    targets = collect_targets(batches)
+    data, batches, targets = split_targets(config, args.split)
     a, b = (user_mse(side, data, batches, targets) for side in (args.a, args.b))
     rng = np.random.default_rng(0)
     classes = targets.rating[:, 0]  # every query of a user ends at the same target

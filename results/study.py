@@ -44,17 +44,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from melo_dist.config import Config, load_config, read_yaml  # noqa: E402
-from melo_dist.data.dataset import load_dataset  # noqa: E402
 from melo_dist.data.prepare import PrepareSettings, prepare  # noqa: E402
 from melo_dist.data.readers import read_ratings  # noqa: E402
 from melo_dist.paths import shared_data_dir  # noqa: E402
 from melo_dist.training.checkpoint import read_metrics  # noqa: E402
 from melo_dist.training.evaluation import (  # noqa: E402
-    collect_targets,
-    eval_batches,
     evaluate_checkpoints,
     reference_points,
     rmse_difference,
+    split_targets,
 )
 from melo_dist.training.loop import train_local  # noqa: E402
 
@@ -219,10 +217,8 @@ def with_user_errors(record: dict, records_dir: Path, work: Path) -> dict:
 
 
 def references(data: Path) -> dict:
-    config = load_config(None, [f"data.path={data}"])
-    loaded = load_dataset(config.data)
-    batches = list(eval_batches(loaded.split("test"), loaded.spec, config.data.eval_seed))
-    points = reference_points(loaded.train, collect_targets(batches), loaded.num_items, True)
+    loaded, _, targets = split_targets(load_config(None, [f"data.path={data}"]), "test")
+    points = reference_points(loaded.train, targets, loaded.num_items, True)
     return {name: summary(m) for name, m in points.items()}
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from melo_dist.config import Config
-from melo_dist.data.dataset import load_dataset
+from melo_dist.data.dataset import Dataset, load_dataset
 from melo_dist.data.tasks import TaskBatch, TaskRows, WindowSpec, sample_tasks
 from melo_dist.errors import InputError
 from melo_dist.meta import learner_from_state
@@ -53,6 +53,14 @@ def eval_batches(rows: TaskRows, spec: WindowSpec, seed: int, batch_size: int = 
     for start in range(0, len(rows), batch_size):
         users = np.arange(start, min(start + batch_size, len(rows)))
         yield sample_tasks(rows.take(users), spec, seed=seed, train=False)
+
+
+def split_targets(config: Config, split: str) -> tuple[Dataset, list[TaskBatch], Targets]:
+    """The dataset of `config`, the fixed evaluation windows of every user of `split` (each
+    scored on its last interaction) and their targets: what every model is scored on."""
+    data = load_dataset(config.data)
+    batches = list(eval_batches(data.split(split), data.spec, config.data.eval_seed))
+    return data, batches, collect_targets(batches)
 
 
 def collect_targets(batches: list[TaskBatch]) -> Targets:
@@ -180,10 +188,7 @@ def evaluate_checkpoints(
     config = Config.from_dict(states[0]["config"])
     if data_path:
         config.data.path = data_path
-    data = load_dataset(config.data)
-    rows = data.split(split)
-    batches = list(eval_batches(rows, data.spec, config.data.eval_seed))
-    targets = collect_targets(batches)
+    data, batches, targets = split_targets(config, split)
     results = {}
     for path, state in zip(paths, states):
         run_config = Config.from_dict(state["config"])
@@ -191,7 +196,7 @@ def evaluate_checkpoints(
             raise InputError(f"trained on a different dataset than {config.data.path}", path=path)
         learner = learner_from_state(state)
         name = f"{run_config.meta.regime} {run_config.model.backbone} ({Path(path).name})"
-        progress(f"scoring {name}: adapting to {len(rows):,} {split} users")
+        progress(f"scoring {name}: adapting to {len(targets.rating):,} {split} users")
         pred = learner_predictions(learner, batches)
         results[name] = {**score(pred, targets, per_user), "iteration": state["iteration"]}
     if references:
