@@ -19,6 +19,7 @@ from melo_dist.meta.melo import (
 )
 from melo_dist.meta.reference import reference_meta_step
 from melo_dist.meta.weighting import ClassBalanced, InnerWeighting
+from melo_dist.models.packing import Packing, pack_layout
 
 LEVELS = [1.0, 2.0, 3.0, 4.0, 5.0]
 ITEMS = 40
@@ -125,6 +126,41 @@ def test_batched_meta_step_matches_per_task_loop_in_window_groups(backbone, firs
     oracle_loss, oracle_grads = reference_meta_step(learner, batch, 3)
     assert torch.allclose(loss, oracle_loss, rtol=1e-10)
     assert_same(grads, oracle_grads)
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "bert4rec"])
+def test_packed_tokens_give_what_the_padded_windows_give(backbone):
+    # the transformers run their position-wise layers on each task's real tokens only; every
+    # real position's output and features are what the plain padded forward gives, padding 0
+    learner = learner_for(small_config(backbone, "melo", "reference"))
+    assert learner.backbone.packs_tokens
+    batch = small_batch(tasks=4, lengths=(3, 6), support=16)
+    items, real = batch.support_items, batch.support_mask
+    assert len(set(real.sum((1, 2)).tolist())) > 1  # tasks of different token counts
+    fast = {
+        name: value.detach()
+        for name, value in learner.task_params(torch.arange(ITEMS + 1).expand(4, -1)).items()
+    }
+    for head in (True, False):  # ratings [B, W, L]; features [B, W, L, D]
+        packed = learner.forward_tasks(fast, items, head=head)
+        padded = learner.backbone(items, head=head)
+        assert torch.allclose(packed[real], padded[real], rtol=1e-12, atol=1e-12)
+        assert (packed[~real] == 0).all()
+
+
+def test_pack_layout_indexes_each_tasks_real_tokens():
+    items = torch.tensor([[[0, 0, 5], [0, 6, 7]], [[0, 0, 0], [0, 0, 8]]])  # [2 tasks, 2, 3]
+    groups = [(slice(0, 1), 2), (slice(1, 2), 1)]
+    layout = pack_layout(items, groups)
+    assert layout["tokens"].tolist() == [[2, 4, 5], [5, 0, 1]]  # task 2: one real, 2 spare
+    assert layout["slots"][1].tolist() == [[3, 3, 3], [3, 3, 0]]  # T = 3: the zero row
+    assert layout["returns"][0].tolist() == [0, 1, 2]  # group rows: (0, 2); (1, 1), (1, 2)
+    packing = Packing(**{k: v[0] for k, v in layout.items()}, groups=groups)
+    assert packing.pack(items[0]).tolist() == [5, 6, 7]
+    assert packing.unpack(torch.tensor([5, 6, 7])).tolist() == items[0].tolist()
+    parts = packing.split(torch.tensor([[5], [6], [7]]))
+    assert [part.squeeze(-1).tolist() for part in parts] == [[[5]], [[6, 7]]]
+    assert packing.join(parts).squeeze(-1).tolist() == [5, 6, 7]
 
 
 def test_window_groups_split_neighbours_and_keep_their_common_padding():

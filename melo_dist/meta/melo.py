@@ -36,6 +36,7 @@ from melo_dist.data.tasks import TaskBatch
 from melo_dist.meta.weighting import InnerWeighting, rating_levels_index
 from melo_dist.models import EMBEDDING_PREFIXES, ITEM_TABLES, USER_PARAMETERS
 from melo_dist.models.heads import user_regressors
+from melo_dist.models.packing import Packing, pack_layout
 
 Params = dict[str, torch.Tensor]
 WINDOW_DIMS = (-2, -1)  # a task's support/query windows [..., S, L]
@@ -238,9 +239,21 @@ class MetaLearner(nn.Module):
         `SequenceRegressor`); the outputs are padded back to L."""
         params = {**dict(self.backbone.named_parameters()), **fast}
         param_dims = {name: 0 if name in fast else None for name in params}
-        outputs = []
-        groups = self.backbone.window_groups if features is None else 1  # a head is cheap
-        for group, skipped in window_groups(items, groups):
+        groups = window_groups(items, self.backbone.window_groups if features is None else 1)
+        if features is None and self.backbone.packs_tokens:  # real tokens only: packing.py
+            run = vmap(
+                lambda p, x, layout: functional_call(
+                    self.backbone,
+                    p,
+                    (x,),
+                    {"head": head, "packing": Packing(**layout, groups=groups)},
+                ),
+                in_dims=(param_dims, 0, 0),
+                randomness="different",
+            )
+            return run(params, items, pack_layout(items, groups))
+        outputs = []  # (a head is cheap: it runs as one group)
+        for group, skipped in groups:
             run = vmap(
                 lambda p, x, f, skipped=skipped: functional_call(
                     self.backbone, p, (x,), {"features": f, "head": head, "skipped": skipped}

@@ -21,6 +21,7 @@ from torch import nn
 
 from melo_dist.config import ModelConfig
 from melo_dist.models.layers import embed_items
+from melo_dist.models.packing import Packing
 
 
 class ReferenceHead(nn.Linear):
@@ -96,6 +97,7 @@ class SequenceRegressor(nn.Module):
     item_embedding: nn.Embedding
     dropout: float
     window_groups = 1  # recurrent: every group is another pass over the time steps
+    packs_tokens = False  # True: `forward` takes a `Packing` (position-wise layers, see packing.py)
 
     def embed(self, items: torch.Tensor) -> torch.Tensor:
         """Item embeddings (padding zeroed) with the backbone's dropout: a GRU's input."""
@@ -111,9 +113,14 @@ class SequenceRegressor(nn.Module):
         head: bool = True,
         skipped: int = 0,
         candidates: torch.Tensor | None = None,
+        packing: Packing | None = None,
     ) -> torch.Tensor:
         if candidates is not None:  # item_seq is the context
             return self.score_candidates(item_seq, candidates)
+        if packing is not None:  # one task's windows, computed on their real tokens only
+            features = self.features(item_seq, packing=packing)
+            out = self.head(features, packing.pack(item_seq)) if head else features
+            return packing.unpack(out)
         if features is None:
             features = self.features(item_seq, skipped)
         return self.head(features, item_seq) if head else features

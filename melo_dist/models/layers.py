@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from melo_dist.models.packing import Packing
+
 
 def embed_items(embedding: nn.Embedding, item_seq: torch.Tensor) -> torch.Tensor:
     """Item embeddings with padding (id 0) forced to zero.
@@ -128,13 +130,30 @@ class TransformerBlock(nn.Module):
         self.ffn_out = nn.Linear(ffn, dim)
         self.norm2 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        *batch, length, dim = x.shape
-        q, k, v = self.qkv(x).view(*batch, length, 3, self.heads, dim // self.heads).unbind(-3)
-        q, k, v = (t.transpose(-2, -3) for t in (q, k, v))  # [..., H, L, d]
-        scores = q @ k.transpose(-1, -2) / math.sqrt(dim // self.heads)
-        scores = scores.masked_fill(~mask.unsqueeze(-3), float("-inf"))
-        attended = (scores.softmax(-1) @ v).transpose(-2, -3).reshape(*batch, length, dim)
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | list[torch.Tensor],
+        packing: Packing | None = None,
+    ) -> torch.Tensor:
+        """Windows x [..., L, D] with mask [..., L, L]; or packed tokens x [T, D] with one mask
+        per attention group of `packing`."""
+        qkv = self.qkv(x)
+        if packing is None:
+            attended = self.attend(qkv, mask)
+        else:
+            parts = packing.split(qkv)
+            attended = packing.join([self.attend(part, m) for part, m in zip(parts, mask)])
         x = self.norm1(x + F.dropout(self.out(attended), self.dropout, self.training))
         hidden = F.dropout(F.gelu(self.ffn_in(x)), self.dropout, self.training)
         return self.norm2(x + F.dropout(self.ffn_out(hidden), self.dropout, self.training))
+
+    def attend(self, qkv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[..., L, 3D] projected queries, keys and values -> [..., L, D] attended values."""
+        *batch, length, dim = qkv.shape
+        dim //= 3
+        q, k, v = qkv.view(*batch, length, 3, self.heads, dim // self.heads).unbind(-3)
+        q, k, v = (t.transpose(-2, -3) for t in (q, k, v))  # [..., H, L, d]
+        scores = q @ k.transpose(-1, -2) / math.sqrt(dim // self.heads)
+        scores = scores.masked_fill(~mask.unsqueeze(-3), float("-inf"))
+        return (scores.softmax(-1) @ v).transpose(-2, -3).reshape(*batch, length, dim)

@@ -14,11 +14,13 @@ from torch import nn
 from melo_dist.config import ModelConfig
 from melo_dist.models.heads import SequenceRegressor, build_head
 from melo_dist.models.layers import TransformerBlock, attention_mask, embed_items
+from melo_dist.models.packing import Packing
 
 
 class SelfAttentiveRegressor(SequenceRegressor):
     causal: bool
-    window_groups = 3  # compute-bound: fewer padding slots beat fewer calls
+    window_groups = 3  # attention's groups; the other layers run on real tokens only
+    packs_tokens = True
 
     def __init__(self, config: ModelConfig, num_items: int) -> None:
         super().__init__()
@@ -32,21 +34,32 @@ class SelfAttentiveRegressor(SequenceRegressor):
         )
         self.head = build_head(config, config.dim, num_items)
 
-    def features(self, item_seq: torch.Tensor, skipped: int = 0) -> torch.Tensor:
-        """[..., L] item ids (0 = padding) -> [..., L, D] last block's states. Padding keys are
-        hidden and positions count from the right, so dropped left padding (`skipped`) changes
-        nothing."""
+    def features(
+        self, item_seq: torch.Tensor, skipped: int = 0, packing: Packing | None = None
+    ) -> torch.Tensor:
+        """[..., L] item ids (0 = padding) -> [..., L, D] last block's states; or, with
+        `packing`, one task's windows [W, L] -> its real tokens' states [T, D]. Padding keys are
+        hidden and positions count from the right, so dropped left padding (`skipped`, the
+        groups of a packing) changes nothing."""
         length = item_seq.shape[-1]
         positions = self.position_embedding.weight[-length:]
-        return self.attend(item_seq, positions, attention_mask(item_seq, causal=self.causal))
+        if packing is None:
+            return self.attend(item_seq, positions, attention_mask(item_seq, self.causal))
+        masks = [attention_mask(item_seq[g, s:], self.causal) for g, s in packing.groups]
+        positions = packing.pack(positions.expand(*item_seq.shape, -1))
+        return self.attend(packing.pack(item_seq), positions, masks, packing)
 
     def attend(
-        self, item_seq: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+        self,
+        item_seq: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | list[torch.Tensor],
+        packing: Packing | None = None,
     ) -> torch.Tensor:
         x = embed_items(self.item_embedding, item_seq) + positions
         x = F.dropout(self.input_norm(x), self.dropout, self.training)
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x, mask, packing)
         return x
 
     def score_candidates(self, context: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
