@@ -105,6 +105,10 @@ class MetaConfig:
     user_damping: float = 1.0  # newton: initial damping (learned), the user bias's and factors'
     adapt: str = "all"  # all | no_embeddings | head
     query_loss: str = "last"  # outer loss on each query's target (last) or every position (all)
+    recency: bool = False  # weight each support position's inner loss by exp(-decay * age),
+    # age = interactions between it and the target (mean 1 per task), times the regime's
+    # weights; the decay is learned with the inner lrs, from recency_decay
+    recency_decay: float = 0.1
     outer_loss: str = "mse"  # mse | class_balanced: each target weighted 1 / (K * its level's
     # share of the training ratings), so every rating level weighs the same in the outer loss |
     # encoder_balanced: the recommender and inner lrs learn from plain MSE, MELO's task-state

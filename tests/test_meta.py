@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.func import functional_call, vmap
@@ -49,13 +51,10 @@ def small_batch(
     rows = random_task_rows(tasks, ITEMS, lengths, seed)
     spec = WindowSpec(length=8, support=support, query=2)
     batch = sample_tasks(rows, spec, seed=seed, train=True)
-    return TaskBatch(
-        batch.support_items,
-        batch.support_ratings.to(dtype),
-        batch.support_mask,
-        batch.query_items,
-        batch.query_ratings.to(dtype),
-        batch.query_mask,
+    return replace(
+        batch,
+        support_ratings=batch.support_ratings.to(dtype),
+        query_ratings=batch.query_ratings.to(dtype),
     )
 
 
@@ -81,14 +80,18 @@ def assert_same(grads: dict, expected: dict, rtol: float = 1e-9) -> None:
 
 
 @pytest.mark.parametrize(
-    ("head", "query_loss", "user_step"),
-    [("bias", "last", "newton"), ("bias", "all", "gradient"), ("reference", "all", "newton")],
+    ("head", "query_loss", "user_step", "recency"),
+    [
+        ("bias", "last", "newton", True),
+        ("bias", "all", "gradient", False),
+        ("reference", "all", "newton", True),
+    ],
 )
 @pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
 @pytest.mark.parametrize("regime", INNER_LOSSES)
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_batched_meta_step_matches_per_task_loop(
-    backbone, regime, first_order, head, query_loss, user_step
+    backbone, regime, first_order, head, query_loss, user_step, recency
 ):
     # iteration 3 of a 10-iteration multi-step phase: every step's query loss counts
     config = small_config(
@@ -100,14 +103,19 @@ def test_batched_meta_step_matches_per_task_loop(
         first_order=first_order,
         query_loss=query_loss,
         user_step=user_step,
+        recency=recency,
     )
     learner = learner_for(config)
+    if recency:  # weights that differ by age (they start equal)
+        learner.inner_lrs["recency_decay"].data.fill_(0.3)
     batch = small_batch()
     loss, grads = meta_step(learner, batch, 3)
     oracle_loss, oracle_grads = reference_meta_step(learner, batch, 3)
     assert torch.allclose(loss, oracle_loss, rtol=1e-10)
     assert_same(grads, oracle_grads)
     assert any(g.abs().sum() > 0 for n, g in grads.items() if n.startswith("inner_lrs."))
+    if recency and not first_order:  # (first order: the inner gradients are data)
+        assert grads["inner_lrs.recency_decay"].abs() > 0
 
 
 @pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
@@ -375,9 +383,7 @@ def test_bias_head_starts_as_the_item_bias_predictor_and_adapts_the_user_bias():
     assert learner.inner_lrs["head__user_bias"].tolist() == [0.5]  # meta.user_inner_lr
     batch = small_batch()
     local, rows = batch.with_local_items()
-    fast = learner.adapt(
-        rows, local.support_items, local.support_ratings, local.support_mask, False
-    )
+    fast = learner.adapt(rows, local, False)
     user_bias = fast[-1]["head.user_bias"]
     assert user_bias.shape == (len(batch),) and (user_bias != 0).all()  # one per task
 
@@ -392,8 +398,7 @@ def test_newton_user_step_lands_on_the_damped_least_squares_fit(regime):
     damping = learner.inner_lrs["log_user_damping"][0].exp()
     batch = small_batch()
     local, rows = batch.with_local_items()
-    support = (local.support_items, local.support_ratings, local.support_mask)
-    fast = learner.adapt(rows, *support, False)[-1]
+    fast = learner.adapt(rows, local, False)[-1]
     user = {n: fast[n].detach().requires_grad_() for n in ("head.user_bias", "head.user_factors")}
     target = local.support_ratings / learner.scale
     weights = learner.weight_net(local.support_ratings, local.support_mask)
@@ -414,14 +419,7 @@ def test_predictions_are_on_the_rating_scale_and_half_stars_work():
     torch.manual_seed(0)
     learner = build_learner(config, ITEMS, levels)
     batch = small_batch(dtype=torch.float32)
-    half = TaskBatch(
-        batch.support_items,
-        batch.support_ratings - 0.5 * batch.support_mask,
-        batch.support_mask,
-        batch.query_items,
-        batch.query_ratings,
-        batch.query_mask,
-    )
+    half = replace(batch, support_ratings=batch.support_ratings - 0.5 * batch.support_mask)
     weights = learner.weight_net(half.support_ratings, half.support_mask)
     assert torch.isfinite(weights).all() and (weights >= 0).all()
     pred = predict_targets(learner, half)

@@ -75,6 +75,11 @@ def test_window_invariants(mode):
             assert torch.all(items[mask] > 0)
             assert torch.all(mask[..., 1:] >= mask[..., :-1])  # once real, stays real
             assert torch.equal(ratings[mask], (items[mask] - 1) % 5 + 1.0)
+        # A support position's age: how many interactions before its task's query target.
+        targets = batch.query_items[:, 0, -1]  # flat index + 1, as every item here
+        expected = torch.where(batch.support_mask, targets[:, None, None] - batch.support_items, 0)
+        assert torch.equal(batch.support_age, expected)
+        assert (batch.support_age[batch.support_mask] >= 1).all()
 
 
 def test_training_windows_are_random_and_reproducible():

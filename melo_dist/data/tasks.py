@@ -125,6 +125,9 @@ class TaskBatch:
     query_items: torch.Tensor  # [B, Q, L]
     query_ratings: torch.Tensor  # [B, Q, L]
     query_mask: torch.Tensor  # [B, Q, L]
+    # [B, S, L] int64: how many interactions before the query target each support position
+    # lies (1 = the one just before it), 0 at padding; meta.recency weights the inner loss by it
+    support_age: torch.Tensor
 
     def to(self, device: torch.device | str) -> TaskBatch:
         return TaskBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -195,13 +198,18 @@ def sample_tasks(
     support_len = pair_end[chosen] - pair_start[chosen] + 1
     support_end = pair_end[chosen]
 
+    support_end, support_len, support_ok = by_length(support_end, support_len, support_ok)
     s_items, s_ratings, s_mask = gather_windows(
-        rows, window_start, *by_length(support_end, support_len, support_ok), L
+        rows, window_start, support_end, support_len, support_ok, L
     )
     q_items, q_ratings, q_mask = gather_windows(
         rows, window_start, *by_length(query_end, query_len, query_ok), L
     )
-    return TaskBatch(s_items, s_ratings, s_mask, q_items, q_ratings, q_mask)
+    # the target is the window's last interaction (n - 1); slot l of a support window ending
+    # at e holds interaction e - (L - 1) + l
+    age = n[:, None, None] - 1 - (support_end[..., None] - (L - 1) + np.arange(L))
+    s_age = torch.from_numpy(np.where(s_mask.numpy(), age, 0))
+    return TaskBatch(s_items, s_ratings, s_mask, q_items, q_ratings, q_mask, s_age)
 
 
 def by_length(

@@ -173,13 +173,7 @@ class ColdStartModel:
         fast = {}
         if isinstance(self.learner, MetaLearner):
             with torch.enable_grad():
-                trajectory = self.learner.adapt(
-                    catalogue_rows,
-                    local.support_items,
-                    local.support_ratings,
-                    local.support_mask,
-                    False,
-                )
+                trajectory = self.learner.adapt(catalogue_rows, local, False)
             fast = {name: value.detach() for name, value in trajectory[-1].items()}
         context = torch.zeros(len(histories), self.window - 1, dtype=torch.long)
         for user, items in enumerate(kept_items):  # left-padded, as every window

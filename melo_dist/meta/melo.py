@@ -198,6 +198,8 @@ class MetaLearner(nn.Module):
             self.inner_lrs["log_user_damping"] = nn.Parameter(
                 torch.full((meta.inner_steps, len(self.user_params)), math.log(meta.user_damping))
             )
+        if meta.recency:  # the recency weights' decay per interaction, learned with the lrs
+            self.inner_lrs["recency_decay"] = nn.Parameter(torch.tensor(meta.recency_decay))
 
     @property
     def encoder_balanced(self) -> bool:
@@ -211,6 +213,25 @@ class MetaLearner(nn.Module):
         return per_level[rating_levels_index(ratings, self.levels.to(ratings.dtype))].to(
             ratings.dtype
         )
+
+    def step_weights(
+        self,
+        task_weights: torch.Tensor | None,
+        error: torch.Tensor,
+        age: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """The inner loss's weights [..., S, L] at one step: the weighting's, times each support
+        position's recency weight (meta.recency). That is exp(-decay * age), age [..., S, L] the
+        interactions between the position and the target, scaled to a mean of 1 over the task's
+        positions: it shifts the weight towards recent ratings without changing its total."""
+        weights = self.weight_net.at_step(task_weights, error)
+        if "recency_decay" not in self.inner_lrs:
+            return weights
+        recency = torch.exp(-self.inner_lrs["recency_decay"] * age).to(error.dtype) * mask
+        total = recency.sum(WINDOW_DIMS).clamp(min=1e-12)  # a task without support: 0
+        recency = recency * (mask.sum(WINDOW_DIMS) / total)[..., None, None]
+        return recency if weights is None else weights * recency
 
     def predict(self, batch: TaskBatch) -> torch.Tensor:
         return predict_targets(self, batch)
@@ -302,16 +323,11 @@ class MetaLearner(nn.Module):
 
     # -- 2. the inner loop ------------------------------------------------------------------
 
-    def adapt(
-        self,
-        rows: torch.Tensor,
-        items: torch.Tensor,
-        ratings: torch.Tensor,
-        mask: torch.Tensor,
-        create_graph: bool,
-    ) -> list[Params]:
-        """J inner steps on the support windows [B, S, L] (items in task-local ids, `rows`
-        their catalogue ids); the per-task parameters after each step."""
+    def adapt(self, rows: torch.Tensor, batch: TaskBatch, create_graph: bool) -> list[Params]:
+        """J inner steps on the support windows [B, S, L] of `batch` (items in task-local ids,
+        `rows` their catalogue ids: `TaskBatch.with_local_items`); the per-task parameters
+        after each step."""
+        items, ratings, mask = batch.support_items, batch.support_ratings, batch.support_mask
         fast = self.task_params(rows)
         predict = self.predictor(fast, items)
         task_weights = self.weight_net(ratings, mask)  # once per task, not once per step
@@ -319,7 +335,7 @@ class MetaLearner(nn.Module):
         trajectory = []
         for step in range(self.steps):
             pred = predict(fast)
-            weights = self.weight_net.at_step(task_weights, pred - target)
+            weights = self.step_weights(task_weights, pred - target, batch.support_age, mask)
             loss = weighted_loss(pred, target, mask, weights).sum()
             adapted = [fast[name] for name in self.adapted]
             grads = torch.autograd.grad(loss, adapted, create_graph=create_graph)
@@ -354,9 +370,7 @@ def meta_loss(
     """
     create_graph = learner.training and not learner.first_order
     batch, rows = batch.with_local_items()
-    trajectory = learner.adapt(
-        rows, batch.support_items, batch.support_ratings, batch.support_mask, create_graph
-    )
+    trajectory = learner.adapt(rows, batch, create_graph)
     importance = step_importance(learner.steps, iteration, learner.multi_step_iterations)
     target = batch.query_ratings / learner.scale
     scored = last_position(batch.query_mask) if learner.query_loss == "last" else batch.query_mask
@@ -409,9 +423,7 @@ def predict_targets(learner: MetaLearner, batch: TaskBatch) -> torch.Tensor:
     """[B, Q] predicted rating (rating scale) of each query's last position, after adaptation."""
     batch, rows = batch.with_local_items()
     with torch.enable_grad():  # the inner loop needs gradients even when evaluating
-        trajectory = learner.adapt(
-            rows, batch.support_items, batch.support_ratings, batch.support_mask, False
-        )
+        trajectory = learner.adapt(rows, batch, False)
     fast = {name: value.detach() for name, value in trajectory[-1].items()}
     with torch.no_grad():
         pred = learner.forward_tasks(fast, batch.query_items)

@@ -40,7 +40,7 @@ def reference_meta_loss(
         task_loss = 0.0
         for step in range(learner.steps):
             pred = functional_call(learner.backbone, {**params, **fast}, (items,))
-            weights = learner.weight_net.at_step(task_weights, pred - target)
+            weights = learner.step_weights(task_weights, pred - target, batch.support_age[b], mask)
             loss = task_mse(pred, target, mask, weights)
             grads = torch.autograd.grad(
                 loss, list(fast.values()), create_graph=not learner.first_order

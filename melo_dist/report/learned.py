@@ -15,9 +15,8 @@ def rmse_by_steps(learner, batches: list[TaskBatch], targets: Targets) -> list[f
     per_step = [[] for _ in range(learner.steps + 1)]
     for batch in batches:
         local, rows = batch.with_local_items()
-        support = (local.support_items, local.support_ratings, local.support_mask)
         with torch.enable_grad():
-            trajectory = learner.adapt(rows, *support, create_graph=False)
+            trajectory = learner.adapt(rows, local, create_graph=False)
         start = learner.task_params(rows)
         with torch.no_grad():
             for step, fast in enumerate([start, *trajectory]):
