@@ -1,0 +1,93 @@
+"""The bias and factor reference points with each support rating weighted by its recency:
+decay ** (age - 1), age = how many interactions before the target it lies. Validation RMSE (3
+targets per user) and test RMSE, on the support as the reference points fit it (every support
+window's positions, so a position counts once per window holding it) and with each position
+once.
+
+    .venv/bin/python results/recency_baselines.py runs/study/ml1m-subset/data
+
+The shrinks are the reference points' own (`melo_dist/training/baselines.py`); decay 1 on the
+windows is the reference points as reported. Test RMSE is printed beside validation, not used
+to choose.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from melo_dist.config import load_config
+from melo_dist.data.dataset import load_dataset
+from melo_dist.training.baselines import (
+    FACTOR_SHRINK,
+    REFERENCE_FACTORS,
+    USER_SHRINK,
+    bias_statistics,
+    item_factors,
+    ridge,
+)
+from melo_dist.training.evaluation import collect_targets, eval_batches, score
+
+DECAYS = (1.0, 0.95, 0.9, 0.85, 0.8)
+
+
+def supports(batches, once: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(user, item, rating, age) of every support position, flat; `once`: each position once."""
+    parts = []
+    for batch in batches:
+        for items, ratings, ages, mask in zip(
+            batch.support_items, batch.support_ratings, batch.support_age, batch.support_mask
+        ):
+            item, rating, age = items[mask].numpy(), ratings[mask].numpy(), ages[mask].numpy()
+            if once:
+                _, first = np.unique(age, return_index=True)
+                item, rating, age = item[first], rating[first], age[first]
+            parts.append((item, rating, age))
+    users = np.repeat(np.arange(len(parts)), [len(p[0]) for p in parts])
+    return users, *(np.concatenate([p[k] for p in parts]) for k in range(3))
+
+
+def main() -> None:
+    config = load_config(
+        None, [f"data.path={sys.argv[1]}", "data.valid_users=0", "data.valid_targets=3"]
+    )
+    data = load_dataset(config.data)
+    mu, item_bias = bias_statistics(data.train, data.num_items)
+    factors = item_factors(data.train, data.num_items, REFERENCE_FACTORS)
+    models = {
+        "bias": (np.ones((data.num_items + 1, 1)), np.r_[USER_SHRINK]),
+        "factor": (
+            np.concatenate([np.ones((data.num_items + 1, 1)), factors], 1),
+            np.r_[USER_SHRINK, np.full(REFERENCE_FACTORS, FACTOR_SHRINK)],
+        ),
+    }
+    splits = {}
+    for name, rows in (("valid", data.valid), ("test", data.split("test"))):
+        batches = list(eval_batches(rows, data.spec, config.data.eval_seed))
+        splits[name] = (batches, collect_targets(batches))
+    print("support          model   decay  valid RMSE  test RMSE")
+    for once in (False, True):
+        for model, (design, reg) in models.items():
+            for decay in DECAYS:
+                rmse = []
+                for batches, targets in splits.values():
+                    users, items, ratings, ages = supports(batches, once)
+                    root = np.sqrt(decay ** (ages - 1.0))[:, None]
+                    residual = ratings - mu - item_bias[items]
+                    count = len(targets.item)
+                    weights = ridge(users, count, root * design[items], root[:, 0] * residual, reg)
+                    user_part = (design[targets.item] @ weights[:, :, None])[..., 0]
+                    rmse.append(score(mu + item_bias[targets.item] + user_part, targets)["rmse"])
+                support = "each position" if once else "windows (ref.)"
+                print(
+                    f"{support:16} {model:7} {decay:5.2f}  {rmse[0]:10.4f}  {rmse[1]:9.4f}",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
