@@ -107,7 +107,9 @@ def test_a_plan_runs_as_a_tune_grid_and_resumes_from_its_records(
         study.main([*args, "--tables-only"])
 
 
-@pytest.mark.parametrize("plan", ["ml100k", "ml1m-subset", "ml1m-rare", "ml100k-rare"])
+@pytest.mark.parametrize(
+    "plan", ["ml100k", "ml1m-subset", "ml1m-rare", "ml100k-rare", "ml1m-recency"]
+)
 def test_results_tables_are_what_the_study_writes_from_their_records(study, plan, tmp_path):
     """results/<plan>.md and .json are the study command's output for the committed records:
     rewritten from them (with the reference points fitted again on a fresh preparation of the
