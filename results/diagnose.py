@@ -45,6 +45,8 @@ def main() -> None:
     for key, rates in learner.inner_lrs.items():
         if key == "log_user_damping":  # [steps, groups]: the user bias, then the factors
             key, rates = "user damping (bias, factors)", rates.exp().T.flatten()
+        if key == "recency_decay":  # meta.recency: one value, per interaction before the target
+            key, rates = "recency decay", rates.reshape(1)
         print(f"    {key.replace('__', '.'):<32} " + " ".join(f"{r:+.4f}" for r in rates.tolist()))
 
 

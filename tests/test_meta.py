@@ -22,6 +22,7 @@ from melo_dist.meta.melo import (
 from melo_dist.meta.reference import reference_meta_step
 from melo_dist.meta.weighting import ClassBalanced, InnerWeighting
 from melo_dist.models.packing import Packing, pack_layout
+from melo_dist.report.learned import inner_learning_rates
 
 LEVELS = [1.0, 2.0, 3.0, 4.0, 5.0]
 ITEMS = 40
@@ -448,3 +449,10 @@ def test_class_balanced_weights_are_inverse_support_frequencies():
         for value, count in zip(levels.tolist(), counts.tolist()):
             expected[(ratings == value) & mask] = mask.sum() / (len(levels) * count)
         assert torch.allclose(weights[b], expected)
+
+
+def test_learned_rates_leave_out_the_recency_decay():
+    learner = learner_for(small_config("gru4rec", "melo", recency=True))
+    rates = inner_learning_rates(learner)
+    assert "recency_decay" not in rates and "head.user_bias" in rates
+    assert all(isinstance(values, list) for values in rates.values())

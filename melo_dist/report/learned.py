@@ -74,5 +74,5 @@ def inner_learning_rates(learner) -> dict[str, list[float]]:
     return {
         key.replace("__", "."): values.tolist()
         for key, values in rates.items()
-        if key != "log_user_damping"
+        if key not in ("log_user_damping", "recency_decay")  # not learning rates
     }
