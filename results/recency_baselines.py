@@ -4,7 +4,9 @@ targets per user) and test RMSE, on the support as the reference points fit it (
 window's positions, so a position counts once per window holding it) and with each position
 once.
 
-    .venv/bin/python results/recency_baselines.py runs/study/ml1m-subset/data
+    .venv/bin/python results/recency_baselines.py runs/study/ml1m-subset/data [valid,test,train]
+
+(train: the training users' last ratings, which their own item statistics include.)
 
 The shrinks are the reference points' own (`melo_dist/training/baselines.py`); decay 1 on the
 windows is the reference points as reported. Test RMSE is printed beside validation, not used
@@ -65,11 +67,13 @@ def main() -> None:
             np.r_[USER_SHRINK, np.full(REFERENCE_FACTORS, FACTOR_SHRINK)],
         ),
     }
+    names = (sys.argv[2] if len(sys.argv) > 2 else "valid,test").split(",")
     splits = {}
-    for name, rows in (("valid", data.valid), ("test", data.split("test"))):
+    for name in names:
+        rows = data.valid if name == "valid" else data.split(name)  # valid: 3 targets a user
         batches = list(eval_batches(rows, data.spec, config.data.eval_seed))
         splits[name] = (batches, collect_targets(batches))
-    print("support          model   decay  valid RMSE  test RMSE")
+    print("support          model   decay" + "".join(f"  {name:>5} RMSE" for name in names))
     for once in (False, True):
         for model, (design, reg) in models.items():
             for decay in DECAYS:
@@ -83,10 +87,8 @@ def main() -> None:
                     user_part = (design[targets.item] @ weights[:, :, None])[..., 0]
                     rmse.append(score(mu + item_bias[targets.item] + user_part, targets)["rmse"])
                 support = "each position" if once else "windows (ref.)"
-                print(
-                    f"{support:16} {model:7} {decay:5.2f}  {rmse[0]:10.4f}  {rmse[1]:9.4f}",
-                    flush=True,
-                )
+                figures = "".join(f"  {value:10.4f}" for value in rmse)
+                print(f"{support:16} {model:7} {decay:5.2f}{figures}", flush=True)
 
 
 if __name__ == "__main__":
