@@ -7,7 +7,8 @@ Each user is a task with support windows (the inner loop adapts on them) and que
    weighting (MELO's task-state encoder, or a baseline's) and per-parameter, per-step inner
    learning rates (MAML++ LSLR).
 2. `adapt` — the inner loop: J steps of `fast = fast - lr * grad(weighted support loss)`
-   (meta.user_step=newton: the bias head's user parameters step along the damped Newton
+   (meta.recency: each weight also decays with the position's distance to the target;
+   meta.user_step=newton: the bias head's user parameters step along the damped Newton
    direction instead).
 3. `meta_loss` — the outer loss: query MSE of the adapted weights (MAML++ multi-step weights).
 4. `meta_step` — (loss, gradient of every learner parameter), second order by default.
@@ -257,7 +258,8 @@ class MetaLearner(nn.Module):
         """Per-task predictions [B, W, L] (or features, `head=False`; or the head alone on
         `features`): `fast` holds the [B, ...] per-task parameters. Windows run in groups of
         neighbours, each without the left padding all its windows share (exact: see
-        `SequenceRegressor`); the outputs are padded back to L."""
+        `SequenceRegressor`); the outputs are padded back to L. Backbones that pack tokens
+        (the transformers) run only attention in those groups, the rest on real tokens."""
         params = {**dict(self.backbone.named_parameters()), **fast}
         param_dims = {name: 0 if name in fast else None for name in params}
         groups = window_groups(items, self.backbone.window_groups if features is None else 1)
