@@ -49,6 +49,7 @@ LOWER_BOUNDS = [
     ("meta.tasks_per_batch", 1, True),
     ("meta.multi_step_iterations", 0, True),
     ("meta.outer_balance", 0, True),
+    ("meta.recency_decay", 0, True),
     ("optim.iterations", 1, True),
     ("optim.lr", 0, False),
     ("optim.lr_min", 0, True),
