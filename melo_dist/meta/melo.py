@@ -71,6 +71,13 @@ def masked_mse(
     return se.sum(WINDOW_DIMS) / mask.sum(WINDOW_DIMS).clamp(min=1)
 
 
+def times(weights: torch.Tensor | None, other: torch.Tensor | None) -> torch.Tensor | None:
+    """The product of two optional inner-loss weightings (None: every position weighs 1)."""
+    if weights is None or other is None:
+        return other if weights is None else weights
+    return weights * other
+
+
 def last_position(mask: torch.Tensor) -> torch.Tensor:
     """Keep only the last position of each (left-padded) window: the query target."""
     return mask & (torch.arange(mask.shape[-1], device=mask.device) == mask.shape[-1] - 1)
@@ -215,24 +222,16 @@ class MetaLearner(nn.Module):
             ratings.dtype
         )
 
-    def step_weights(
-        self,
-        task_weights: torch.Tensor | None,
-        error: torch.Tensor,
-        age: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> torch.Tensor | None:
-        """The inner loss's weights [..., S, L] at one step: the weighting's, times each support
-        position's recency weight (meta.recency). That is exp(-decay * age), age [..., S, L] the
-        interactions between the position and the target, scaled to a mean of 1 over the task's
-        positions: it shifts the weight towards recent ratings without changing its total."""
-        weights = self.weight_net.at_step(task_weights, error)
+    def recency_weights(self, age: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """meta.recency: each support position's weight exp(-decay * age) [..., S, L], age the
+        interactions between it and the target, scaled to a mean of 1 over the task's positions
+        (it shifts the inner loss towards recent ratings without changing its total); None
+        when off. It does not change across inner steps, so it is computed once per task."""
         if "recency_decay" not in self.inner_lrs:
-            return weights
-        recency = torch.exp(-self.inner_lrs["recency_decay"] * age).to(error.dtype) * mask
+            return None
+        recency = torch.exp(-self.inner_lrs["recency_decay"] * age) * mask
         total = recency.sum(WINDOW_DIMS).clamp(min=1e-12)  # a task without support: 0
-        recency = recency * (mask.sum(WINDOW_DIMS) / total)[..., None, None]
-        return recency if weights is None else weights * recency
+        return recency * (mask.sum(WINDOW_DIMS) / total)[..., None, None]
 
     def predict(self, batch: TaskBatch) -> torch.Tensor:
         return predict_targets(self, batch)
@@ -333,11 +332,12 @@ class MetaLearner(nn.Module):
         fast = self.task_params(rows)
         predict = self.predictor(fast, items)
         task_weights = self.weight_net(ratings, mask)  # once per task, not once per step
+        recency = self.recency_weights(batch.support_age, mask)
         target = ratings / self.scale
         trajectory = []
         for step in range(self.steps):
             pred = predict(fast)
-            weights = self.step_weights(task_weights, pred - target, batch.support_age, mask)
+            weights = times(self.weight_net.at_step(task_weights, pred - target), recency)
             loss = weighted_loss(pred, target, mask, weights).sum()
             adapted = [fast[name] for name in self.adapted]
             grads = torch.autograd.grad(loss, adapted, create_graph=create_graph)

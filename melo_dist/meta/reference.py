@@ -11,7 +11,7 @@ import torch
 from torch.func import functional_call
 
 from melo_dist.data.tasks import TaskBatch
-from melo_dist.meta.melo import MetaLearner, lr_key, meta_step, step_importance
+from melo_dist.meta.melo import MetaLearner, lr_key, meta_step, step_importance, times
 from melo_dist.models.heads import user_regressors
 
 
@@ -36,11 +36,12 @@ def reference_meta_loss(
         )
         target = ratings / scale
         task_weights = learner.weight_net(ratings, mask)
+        recency = learner.recency_weights(batch.support_age[b], mask)
         fast = {name: params[name] for name in learner.adapted}
         task_loss = 0.0
         for step in range(learner.steps):
             pred = functional_call(learner.backbone, {**params, **fast}, (items,))
-            weights = learner.step_weights(task_weights, pred - target, batch.support_age[b], mask)
+            weights = times(learner.weight_net.at_step(task_weights, pred - target), recency)
             loss = task_mse(pred, target, mask, weights)
             grads = torch.autograd.grad(
                 loss, list(fast.values()), create_graph=not learner.first_order
