@@ -24,14 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from melo_dist.config import load_config
 from melo_dist.data.dataset import load_dataset
-from melo_dist.training.baselines import (
-    FACTOR_SHRINK,
-    REFERENCE_FACTORS,
-    USER_SHRINK,
-    bias_statistics,
-    item_factors,
-    ridge,
-)
+from melo_dist.training.baselines import USER_SHRINK, bias_statistics, factor_design, ridge
 from melo_dist.training.evaluation import collect_targets, eval_batches, score
 
 DECAYS = (1.0, 0.95, 0.9, 0.85, 0.8)
@@ -59,13 +52,9 @@ def main() -> None:
     )
     data = load_dataset(config.data)
     mu, item_bias = bias_statistics(data.train, data.num_items)
-    factors = item_factors(data.train, data.num_items, REFERENCE_FACTORS)
     models = {
         "bias": (np.ones((data.num_items + 1, 1)), np.r_[USER_SHRINK]),
-        "factor": (
-            np.concatenate([np.ones((data.num_items + 1, 1)), factors], 1),
-            np.r_[USER_SHRINK, np.full(REFERENCE_FACTORS, FACTOR_SHRINK)],
-        ),
+        "factor": factor_design(data.train, data.num_items),
     }
     names = (sys.argv[2] if len(sys.argv) > 2 else "valid,test").split(",")
     splits = {}

@@ -49,14 +49,20 @@ def factor_fold_in(
     USER_SHRINK on the bias, FACTOR_SHRINK on the factors). Returns (item factors with a
     leading 1 column [num_items + 1, 1 + k], user weights [users, 1 + k])."""
     mu, item_bias = bias_statistics(train, num_items)
-    factors = item_factors(train, num_items, REFERENCE_FACTORS)
-    design = np.concatenate([np.ones((num_items + 1, 1)), factors], axis=1)
+    design, reg = factor_design(train, num_items)
     users = np.repeat(np.arange(len(support)), [len(items) for items, _ in support])
     items = np.concatenate([items for items, _ in support]).astype(np.int64)
     ratings = np.concatenate([ratings for _, ratings in support])
-    reg = np.r_[USER_SHRINK, np.full(REFERENCE_FACTORS, FACTOR_SHRINK)]
     weights = ridge(users, len(support), design[items], ratings - mu - item_bias[items], reg)
     return design, weights
+
+
+def factor_design(train: TaskRows, num_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """The factor reference point's regressors per item [num_items + 1, 1 + k] (a 1 for the user
+    bias, then the item factors) and the fold-in ridge of each user weight [1 + k]."""
+    factors = item_factors(train, num_items, REFERENCE_FACTORS)
+    design = np.concatenate([np.ones((num_items + 1, 1)), factors], axis=1)
+    return design, np.r_[USER_SHRINK, np.full(REFERENCE_FACTORS, FACTOR_SHRINK)]
 
 
 def ridge(
