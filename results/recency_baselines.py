@@ -24,24 +24,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from melo_dist.config import load_config
 from melo_dist.data.dataset import load_dataset
-from melo_dist.training.baselines import USER_SHRINK, bias_statistics, factor_design, ridge
-from melo_dist.training.evaluation import collect_targets, eval_batches, score
+from melo_dist.training.baselines import (
+    USER_SHRINK,
+    bias_statistics,
+    factor_design,
+    recency_weights,
+    ridge,
+)
+from melo_dist.training.evaluation import Targets, collect_targets, eval_batches, score
 
 DECAYS = (1.0, 0.95, 0.9, 0.85, 0.8)
 
 
-def supports(batches, once: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def supports(targets: Targets, once: bool) -> tuple[np.ndarray, ...]:
     """(user, item, rating, age) of every support position, flat; `once`: each position once."""
     parts = []
-    for batch in batches:
-        for items, ratings, ages, mask in zip(
-            batch.support_items, batch.support_ratings, batch.support_age, batch.support_mask
-        ):
-            item, rating, age = items[mask].numpy(), ratings[mask].numpy(), ages[mask].numpy()
-            if once:
-                _, first = np.unique(age, return_index=True)
-                item, rating, age = item[first], rating[first], age[first]
-            parts.append((item, rating, age))
+    for item, rating, age in zip(
+        targets.support_items, targets.support_ratings, targets.support_ages
+    ):
+        if once:
+            _, first = np.unique(age, return_index=True)
+            item, rating, age = item[first], rating[first], age[first]
+        parts.append((item, rating, age))
     users = np.repeat(np.arange(len(parts)), [len(p[0]) for p in parts])
     return users, *(np.concatenate([p[k] for p in parts]) for k in range(3))
 
@@ -61,18 +65,18 @@ def main() -> None:
     for name in names:
         rows = data.valid if name == "valid" else data.split(name)  # valid: 3 targets a user
         batches = list(eval_batches(rows, data.spec, config.data.eval_seed))
-        splits[name] = (batches, collect_targets(batches))
+        splits[name] = collect_targets(batches)
     print("support          model   decay" + "".join(f"  {name:>5} RMSE" for name in names))
     for once in (False, True):
         for model, (design, reg) in models.items():
             for decay in DECAYS:
                 rmse = []
-                for batches, targets in splits.values():
-                    users, items, ratings, ages = supports(batches, once)
-                    root = np.sqrt(decay ** (ages - 1.0))[:, None]
+                for targets in splits.values():
+                    users, items, ratings, ages = supports(targets, once)
                     residual = ratings - mu - item_bias[items]
                     count = len(targets.item)
-                    weights = ridge(users, count, root * design[items], root[:, 0] * residual, reg)
+                    weight = recency_weights(ages, decay)
+                    weights = ridge(users, count, design[items], residual, reg, weight)
                     user_part = (design[targets.item] @ weights[:, :, None])[..., 0]
                     rmse.append(score(mu + item_bias[targets.item] + user_part, targets)["rmse"])
                 support = "each position" if once else "windows (ref.)"

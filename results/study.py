@@ -14,13 +14,13 @@ Resumable in parts: every finished run leaves a small record in results/<plan>/r
 (its test metrics, each test user's MSE and target rating, its validation curve, the git
 commit and the code's tree hash), committed with the results. The tables hold, beside the
 means, paired comparisons on the test users (MELO - MAML, MAML - Basic, MELO - the bias and
-factor models, bootstrap intervals) and how far the budget goes (best validation RMSE at a
-quarter, half, three quarters and all of it). Re-running the command skips runs whose record
-was made by the same code and continues an interrupted run from its checkpoint; the tables
-are then rewritten from the records (results/<plan>.md and results/<plan>.json). Records of
-different code are never mixed in one table: the command re-runs them instead. Model
-selection uses validation users only (best.pt); each run's test users are scored once, after
-it finishes.
+factor models, the factor model also with recency; bootstrap intervals) and how far the
+budget goes (best validation RMSE at a quarter, half, three quarters and all of it).
+Re-running the command skips runs whose record was made by the same code and continues an
+interrupted run from its checkpoint; the tables are then rewritten from the records
+(results/<plan>.md and results/<plan>.json). Records of different code are never mixed in one
+table: the command re-runs them instead. Model selection uses validation users only
+(best.pt); each run's test users are scored once, after it finishes.
 """
 
 from __future__ import annotations
@@ -59,12 +59,25 @@ from melo_dist.training.loop import train_local  # noqa: E402
 if __name__ != "__main__":  # imported (tests): Ray's workers get these functions by value
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-REFERENCES = ("global mean", "item mean", "support mean", "bias model", "factor model")
+REFERENCES = (
+    "global mean",
+    "item mean",
+    "support mean",
+    "bias model",
+    "factor model",
+    "factor + recency",
+)
 REGIMES = ("basic", "maml", "melo")
 BUDGET_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 PER_USER = ("user_mse", "user_rating")  # each test user's MSE and target rating
 # paired on the test users: (A, B) of each backbone, A - B; a reference point by its name
-PAIRS = (("melo", "maml"), ("maml", "basic"), ("melo", "bias model"), ("melo", "factor model"))
+PAIRS = (
+    ("melo", "maml"),
+    ("maml", "basic"),
+    ("melo", "bias model"),
+    ("melo", "factor model"),
+    ("melo", "factor + recency"),
+)
 
 
 def git(*args: str) -> str:

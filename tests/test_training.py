@@ -18,7 +18,15 @@ from melo_dist.config import LOWER_BOUNDS, Config, load_config
 from melo_dist.data.dataset import load_dataset
 from melo_dist.data.sampler import EpochSampler
 from melo_dist.errors import InputError
-from melo_dist.training.baselines import FACTOR_SHRINK, USER_SHRINK, bias_statistics, factor_fold_in
+from melo_dist.training.baselines import (
+    FACTOR_SHRINK,
+    RECENCY_DECAY,
+    USER_SHRINK,
+    bias_statistics,
+    factor_design,
+    recency_weights,
+    ridge,
+)
 from melo_dist.training.checkpoint import BEST, LAST, METRICS, best_record, load_checkpoint
 from melo_dist.training.evaluation import (
     Targets,
@@ -27,6 +35,7 @@ from melo_dist.training.evaluation import (
     evaluate_checkpoints,
     evaluate_learner,
     reference_points,
+    reference_predictions,
     score,
 )
 from melo_dist.training.loop import Interrupted, train, train_local
@@ -233,7 +242,7 @@ def test_every_regime_trains_and_evaluates(synthetic_dir, tmp_path):
         train_local(config, log=lambda message: None)
         paths.append(str(tmp_path / regime))
     results = evaluate_checkpoints(paths, "test")
-    assert len(results) == 6 + 5  # every regime plus the five reference points
+    assert len(results) == 6 + 6  # every regime plus the six reference points
     users = {m["users"] for m in results.values()}
     assert users == {120}  # the same targets for everyone
     for metrics in results.values():
@@ -260,23 +269,33 @@ def test_a_non_finite_meta_loss_stops_training(synthetic_dir, tmp_path):
     assert run.iteration == 1
 
 
-def test_factor_reference_point_is_the_per_user_ridge_fit_and_beats_the_bias_model(synthetic_dir):
+def test_factor_reference_points_are_per_user_weighted_ridge_fits_and_beat_the_bias_model(
+    synthetic_dir,
+):
     data = load_dataset(load_config(None, [f"data.path={synthetic_dir}"]).data)
-    rows = data.split("test")
-    batches = list(eval_batches(rows, data.spec, 0))
-    targets = collect_targets(batches)
-    support = list(zip(targets.support_items, targets.support_ratings))
-    design, weights = factor_fold_in(data.train, data.num_items, support)
+    targets = collect_targets(list(eval_batches(data.split("test"), data.spec, 0)))
     mu, item_bias = bias_statistics(data.train, data.num_items)
-    reg = np.diag([USER_SHRINK] + [FACTOR_SHRINK] * (design.shape[1] - 1))
-    for user in (0, 7, 33):  # the batched ridge == one user's normal equations
-        items, ratings = support[user]
-        x, y = design[items], ratings - mu - item_bias[items]
-        np.testing.assert_allclose(
-            weights[user], np.linalg.solve(x.T @ x + reg, x.T @ y), atol=1e-8
-        )
-    points = reference_points(data.train, targets, data.num_items)
-    assert points["factor model"]["rmse"] < points["bias model"]["rmse"]  # users have tastes
+    design, reg = factor_design(data.train, data.num_items)
+    assert np.array_equal(reg, [USER_SHRINK] + [FACTOR_SHRINK] * (design.shape[1] - 1))
+    users = np.repeat(np.arange(len(targets.item)), targets.support_count.astype(int))
+    items = np.concatenate(targets.support_items)
+    residual = np.concatenate(targets.support_ratings) - mu - item_bias[items]
+    ages = np.concatenate(targets.support_ages)
+    assert ages.min() >= 1 and len(ages) == len(items)
+    weight = recency_weights(ages, RECENCY_DECAY)
+    fitted = ridge(users, len(targets.item), design[items], residual, reg, weight)
+    for user in (0, 7, 33):  # the batched ridge == one user's weighted normal equations
+        x, y, w = design[items[users == user]], residual[users == user], weight[users == user]
+        expected = np.linalg.solve(x.T @ (w[:, None] * x) + np.diag(reg), x.T @ (w * y))
+        np.testing.assert_allclose(fitted[user], expected, atol=1e-8)
+        assert w.max() == 1.0 and w.min() < 1.0  # the target's neighbour counts most
+    points = reference_predictions(data.train, targets, data.num_items)
+    np.testing.assert_allclose(
+        points["factor + recency"],
+        mu + item_bias[targets.item] + np.einsum("uqk,uk->uq", design[targets.item], fitted),
+    )
+    scores = reference_points(data.train, targets, data.num_items)
+    assert scores["factor model"]["rmse"] < scores["bias model"]["rmse"]  # users have tastes
 
 
 def test_score_aggregates_per_user_then_over_users():
@@ -289,6 +308,7 @@ def test_score_aggregates_per_user_then_over_users():
         support_count=np.zeros(2),
         support_items=[],
         support_ratings=[],
+        support_ages=[],
     )
     pred = np.array([[4.0, 5.0, 5.0], [3.0, 1.0, 9.0]])  # the invalid slot must not count
     metrics = score(pred, targets)

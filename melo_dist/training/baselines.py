@@ -13,6 +13,14 @@ ITEM_SHRINK, USER_SHRINK = 25.0, 10.0  # Koren-style baseline-predictor regulari
 # The factor reference point: k and the fold-in ridge of the user factors, chosen on the ML-1M
 # subset's validation users (results/ml1m-subset-findings.md).
 REFERENCE_FACTORS, FACTOR_SHRINK = 16, 30.0
+# The factor reference point with recency: each support rating weighted by RECENCY_DECAY **
+# (age - 1), chosen on the same validation users (results/recency_baselines.py).
+RECENCY_DECAY = 0.95
+
+
+def recency_weights(ages: np.ndarray, decay: float) -> np.ndarray:
+    """decay ** (age - 1): age = how many interactions before the target a rating lies."""
+    return decay ** (ages - 1.0)
 
 
 def bias_statistics(train: TaskRows, num_items: int) -> tuple[float, np.ndarray]:
@@ -41,22 +49,6 @@ def item_factors(
     return item / np.sqrt((item[train.items] ** 2).sum(1).mean())
 
 
-def factor_fold_in(
-    train: TaskRows, num_items: int, support: list[tuple[np.ndarray, np.ndarray]]
-) -> tuple[np.ndarray, np.ndarray]:
-    """The factor reference point, per user of `support` [(items, ratings)]: the bias model's
-    residuals fitted by a user bias and user factors against the training item factors (ridge,
-    USER_SHRINK on the bias, FACTOR_SHRINK on the factors). Returns (item factors with a
-    leading 1 column [num_items + 1, 1 + k], user weights [users, 1 + k])."""
-    mu, item_bias = bias_statistics(train, num_items)
-    design, reg = factor_design(train, num_items)
-    users = np.repeat(np.arange(len(support)), [len(items) for items, _ in support])
-    items = np.concatenate([items for items, _ in support]).astype(np.int64)
-    ratings = np.concatenate([ratings for _, ratings in support])
-    weights = ridge(users, len(support), design[items], ratings - mu - item_bias[items], reg)
-    return design, weights
-
-
 def factor_design(train: TaskRows, num_items: int) -> tuple[np.ndarray, np.ndarray]:
     """The factor reference point's regressors per item [num_items + 1, 1 + k] (a 1 for the user
     bias, then the item factors) and the fold-in ridge of each user weight [1 + k]."""
@@ -66,14 +58,20 @@ def factor_design(train: TaskRows, num_items: int) -> tuple[np.ndarray, np.ndarr
 
 
 def ridge(
-    rows: np.ndarray, count: int, x: np.ndarray, y: np.ndarray, reg: float | np.ndarray
+    rows: np.ndarray,
+    count: int,
+    x: np.ndarray,
+    y: np.ndarray,
+    reg: float | np.ndarray,
+    weights: np.ndarray | None = None,
 ) -> np.ndarray:
-    """For every row r < count: argmin_w sum over its entries (y - x . w)^2 + reg |w|^2 (`reg`
-    one value, or one per coordinate)."""
+    """For every row r < count: argmin_w sum over its entries weight * (y - x . w)^2 + reg |w|^2
+    (`reg` one value, or one per coordinate; `weights` one per entry, default 1)."""
     k = x.shape[1]
+    wx = x if weights is None else weights[:, None] * x
     gram = np.empty((count, k, k))
     for a in range(k):
         for b in range(a, k):
-            gram[:, a, b] = gram[:, b, a] = np.bincount(rows, x[:, a] * x[:, b], minlength=count)
-    rhs = np.stack([np.bincount(rows, x[:, a] * y, minlength=count) for a in range(k)], axis=1)
+            gram[:, a, b] = gram[:, b, a] = np.bincount(rows, wx[:, a] * x[:, b], minlength=count)
+    rhs = np.stack([np.bincount(rows, wx[:, a] * y, minlength=count) for a in range(k)], axis=1)
     return np.linalg.solve(gram + np.diag(np.broadcast_to(reg, k)), rhs[..., None])[..., 0]

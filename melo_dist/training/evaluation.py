@@ -14,7 +14,9 @@ Reference points any model must beat, computed from the same tasks:
 - bias model: global mean + item bias (from training, shrunk) + user bias fitted on the support;
 - factor model: the bias model's residuals fitted on the support by a user bias and user
   factors against item factors of a matrix factorisation of the training ratings (ridge
-  fold-in: collaborative filtering's answer to a new user).
+  fold-in: collaborative filtering's answer to a new user);
+- factor + recency: the factor model with each support rating weighted by its recency,
+  RECENCY_DECAY ** (age - 1), what `meta.recency` gives the meta-learners' inner loss.
 """
 
 from __future__ import annotations
@@ -31,7 +33,14 @@ from melo_dist.data.dataset import Dataset, load_dataset
 from melo_dist.data.tasks import TaskBatch, TaskRows, WindowSpec, sample_tasks
 from melo_dist.errors import InputError
 from melo_dist.meta import learner_from_state
-from melo_dist.training.baselines import USER_SHRINK, bias_statistics, factor_fold_in
+from melo_dist.training.baselines import (
+    RECENCY_DECAY,
+    USER_SHRINK,
+    bias_statistics,
+    factor_design,
+    recency_weights,
+    ridge,
+)
 from melo_dist.training.checkpoint import load_checkpoint, manifest_hash
 
 
@@ -46,6 +55,7 @@ class Targets:
     support_count: np.ndarray  # [U]
     support_items: list[np.ndarray]  # per user, items of its support positions
     support_ratings: list[np.ndarray]
+    support_ages: list[np.ndarray]  # interactions before the target (1: the one before it)
 
 
 def eval_batches(rows: TaskRows, spec: WindowSpec, seed: int, batch_size: int = 64):
@@ -67,11 +77,14 @@ def collect_targets(batches: list[TaskBatch]) -> Targets:
     rating = torch.cat([b.query_ratings[..., -1] for b in batches]).numpy()
     item = torch.cat([b.query_items[..., -1] for b in batches]).numpy()
     valid = torch.cat([b.query_mask[..., -1] for b in batches]).numpy()
-    support_items, support_ratings = [], []
+    support_items, support_ratings, support_ages = [], [], []
     for b in batches:
-        for items, ratings, mask in zip(b.support_items, b.support_ratings, b.support_mask):
+        for items, ratings, ages, mask in zip(
+            b.support_items, b.support_ratings, b.support_age, b.support_mask
+        ):
             support_items.append(items[mask].numpy())
             support_ratings.append(ratings[mask].numpy())
+            support_ages.append(ages[mask].numpy())
     return Targets(
         rating=rating,
         item=item,
@@ -80,6 +93,7 @@ def collect_targets(batches: list[TaskBatch]) -> Targets:
         support_count=np.array([len(r) for r in support_ratings], dtype=np.float64),
         support_items=support_items,
         support_ratings=support_ratings,
+        support_ages=support_ages,
     )
 
 
@@ -152,12 +166,19 @@ def reference_predictions(
     item_count = np.bincount(train.items, minlength=num_items + 1)
     item_sum = np.bincount(train.items, weights=train.ratings, minlength=num_items + 1)
     item_mean = np.where(item_count > 0, item_sum / np.maximum(item_count, 1), mu)
-    support = list(zip(targets.support_items, targets.support_ratings))
-    users = np.repeat(np.arange(len(support)), targets.support_count.astype(np.int64))
+    count = len(targets.support_items)
+    users = np.repeat(np.arange(count), targets.support_count.astype(np.int64))
     items = np.concatenate(targets.support_items).astype(np.int64)
     residual = np.concatenate(targets.support_ratings) - mu - item_bias[items]
-    user_bias = np.bincount(users, residual, len(support)) / (USER_SHRINK + targets.support_count)
-    design, user = factor_fold_in(train, num_items, support)
+    user_bias = np.bincount(users, residual, count) / (USER_SHRINK + targets.support_count)
+    design, reg = factor_design(train, num_items)
+    ages = np.concatenate(targets.support_ages)
+    factor, recent = (  # each user's fitted residual: unweighted, and weighted by recency
+        np.einsum(
+            "uqk,uk->uq", design[targets.item], ridge(users, count, design[items], residual, reg, w)
+        )
+        for w in (None, recency_weights(ages, RECENCY_DECAY))
+    )
     support_mean = np.where(
         targets.support_count > 0, targets.support_sum / np.maximum(targets.support_count, 1), mu
     )
@@ -166,9 +187,8 @@ def reference_predictions(
         "item mean": item_mean[targets.item],
         "support mean": np.broadcast_to(support_mean[:, None], targets.rating.shape),
         "bias model": mu + item_bias[targets.item] + user_bias[:, None],
-        "factor model": mu
-        + item_bias[targets.item]
-        + (design[targets.item] @ user[:, :, None])[..., 0],
+        "factor model": mu + item_bias[targets.item] + factor,
+        "factor + recency": mu + item_bias[targets.item] + recent,
     }
 
 
