@@ -10,6 +10,11 @@ targets; the users are resampled (bootstrap, seeded) to give a 95 % interval of
 RMSE(A) - RMSE(B), overall and on the rare rating classes. A difference whose interval
 excludes 0 is one the test users support. (`results/study.py` writes the same comparisons for a
 plan's regimes into its tables; this script compares any checkpoints.)
+
+`--targets K` scores each user on its K last interactions, each with the history before it
+(`with_earlier_targets`, how training's validation gets more targets): a user's MSE is the mean
+over its targets, so the bootstrap still resamples users; the rating-class lines resample the
+targets of that rating.
 """
 
 from __future__ import annotations
@@ -24,13 +29,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from melo_dist.config import Config
+from melo_dist.data.dataset import load_dataset
 from melo_dist.meta import learner_from_state
 from melo_dist.training.checkpoint import load_checkpoint
 from melo_dist.training.evaluation import (
+    collect_targets,
+    eval_batches,
     learner_predictions,
     reference_predictions,
     rmse_difference,
-    split_targets,
     user_errors,
 )
 
@@ -54,27 +61,42 @@ def main() -> None:
     parser.add_argument("--a", nargs="+", required=True, help="checkpoints, or a reference name")
     parser.add_argument("--b", nargs="+", required=True, help="checkpoints, or a reference name")
     parser.add_argument("--split", default="test", choices=("valid", "test"))
+    parser.add_argument("--targets", type=int, default=1, help="targets a user (its last K)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # beside other processes, 2 threads were 10x slower (findings)
     first = next((p for p in args.a + args.b if Path(p).exists()), None)
     if first is None:
         raise SystemExit("at least one side must be checkpoints (they name the dataset)")
     config = Config.from_dict(load_checkpoint(first)["config"])
-    data, batches, targets = split_targets(config, args.split)
+    data = load_dataset(config.data)
+    users = data.split(args.split)
+    rows = users.with_earlier_targets(args.targets)
+    batches = list(eval_batches(rows, data.spec, config.data.eval_seed))
+    targets = collect_targets(batches)
     a, b = (user_mse(side, data, batches, targets) for side in (args.a, args.b))
+    copies = {
+        f"{name}#{k}" if k else name: user
+        for user, name in enumerate(users.user_id)
+        for k in range(args.targets)
+    }
+    owner = np.array([copies[name] for name in rows.user_id])  # the user each target is of
+    per_user = [np.bincount(owner, mse) / np.bincount(owner) for mse in (a, b)]
     rng = np.random.default_rng(0)
-    classes = targets.rating[:, 0]  # every query of a user ends at the same target
-    print(f"{args.split} users: {len(a)}; A = {' '.join(args.a)}; B = {' '.join(args.b)}")
+    classes = targets.rating[:, 0]  # every query of a target ends at it
+    print(
+        f"{args.split} users: {len(users)}, {len(rows)} targets; A = {' '.join(args.a)}; "
+        f"B = {' '.join(args.b)}"
+    )
     print("users            RMSE A   RMSE B   A - B    95 % interval")
-    for name, chosen in [
-        ("all", classes > 0),
-        ("rating 1", classes == 1),
-        ("rating 2", classes == 2),
+    for name, (a_mse, b_mse) in [
+        ("all", per_user),
+        ("rating 1", (a[classes == 1], b[classes == 1])),
+        ("rating 2", (a[classes == 2], b[classes == 2])),
     ]:
-        diff, low, high = rmse_difference(a[chosen], b[chosen], rng)
-        rmse_a, rmse_b = np.sqrt(a[chosen].mean()), np.sqrt(b[chosen].mean())
+        diff, low, high = rmse_difference(a_mse, b_mse, rng)
+        rmse_a, rmse_b = np.sqrt(a_mse.mean()), np.sqrt(b_mse.mean())
         print(
-            f"{name:<8} {chosen.sum():>5}  {rmse_a:7.4f}  {rmse_b:7.4f}  {diff:+.4f}  "
+            f"{name:<8} {len(a_mse):>5}  {rmse_a:7.4f}  {rmse_b:7.4f}  {diff:+.4f}  "
             f"[{low:+.4f}, {high:+.4f}]"
         )
 
