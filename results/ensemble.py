@@ -1,12 +1,14 @@
-"""Would averaging models reach the aim? Seed ensembles of a study's runs, and a blend with the
-factor model, on validation and test users.
+"""Would averaging models reach the aim? Seed ensembles of a study's runs, and a blend with a
+reference point, on validation and test users.
 
-    .venv/bin/python results/ensemble.py runs/study/ml1m-subset melo-sasrec melo-gru4rec
+    .venv/bin/python results/ensemble.py runs/study/ml1m-subset melo-sasrec melo-gru4rec \
+        [--reference "factor + recency"] [--valid-targets 10]
 
 For each run prefix (e.g. `melo-sasrec`: its seeds `-s0`, `-s1`, ...), the RMSE of each seed,
-of the seeds' averaged predictions, and of w * ensemble + (1 - w) * factor model for the w in
-0, 0.1, ..., 1 that is best on the validation users (all of them, one target each). Test users
-are scored with the w chosen on validation.
+of the seeds' averaged predictions, and of w * ensemble + (1 - w) * reference (default the
+factor model) for the w in 0, 0.1, ..., 1 that is best on the validation users (all of them,
+each on its `--valid-targets` last interactions, default 1). Test users are scored with the w
+chosen on validation.
 """
 
 from __future__ import annotations
@@ -33,24 +35,31 @@ from melo_dist.training.evaluation import (
 BLEND_WEIGHTS = np.linspace(0, 1, 11)
 
 
-def predictions(runs: dict[str, list[Path]], split: str) -> tuple[dict, np.ndarray, object]:
-    """{prefix: [U, Q] per seed}, the factor model's [U, Q], and the targets of `split`."""
+def predictions(
+    runs: dict[str, list[Path]], split: str, reference: str, per_user: int
+) -> tuple[dict, np.ndarray, object]:
+    """{prefix: [U, Q] per seed}, the reference point's [U, Q], and the targets of `split`."""
     first = load_checkpoint(next(iter(runs.values()))[0])
-    data, batches, targets = split_targets(Config.from_dict(first["config"]), split)
+    config = Config.from_dict(first["config"])
+    data, batches, targets = split_targets(config, split, per_user)
     seeds = {
         prefix: [
             learner_predictions(learner_from_state(load_checkpoint(p)), batches) for p in paths
         ]
         for prefix, paths in runs.items()
     }
-    factor = reference_predictions(data.train, targets, data.num_items)["factor model"]
-    return seeds, factor, targets
+    references = reference_predictions(data.train, targets, data.num_items)
+    if reference not in references:
+        raise SystemExit(f"--reference {reference!r} is not one of {sorted(references)}")
+    return seeds, references[reference], targets
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("work", help="a study's run folders, e.g. runs/study/ml1m-subset")
     parser.add_argument("prefixes", nargs="+", help="run names without their -sN seed suffix")
+    parser.add_argument("--reference", default="factor model", help="the reference to blend")
+    parser.add_argument("--valid-targets", type=int, default=1, help="targets a validation user")
     args = parser.parse_args()
     torch.set_num_threads(1)
     runs = {p: sorted(Path(args.work).glob(f"{p}-s*")) for p in args.prefixes}
@@ -58,12 +67,13 @@ def main() -> None:
         raise SystemExit(f"no run folders {args.work}/<prefix>-sN for {missing}")
     chosen = {}
     for split in ("valid", "test"):
-        seeds, factor, targets = predictions(runs, split)
+        per_user = args.valid_targets if split == "valid" else 1
+        seeds, reference, targets = predictions(runs, split, args.reference, per_user)
         for prefix, each in seeds.items():
             rmse = [score(p, targets)["rmse"] for p in each]
             ensemble = np.mean(each, axis=0)
             blends = {
-                w: score(w * ensemble + (1 - w) * factor, targets)["rmse"] for w in BLEND_WEIGHTS
+                w: score(w * ensemble + (1 - w) * reference, targets)["rmse"] for w in BLEND_WEIGHTS
             }
             if split == "valid":
                 chosen[prefix] = min(blends, key=blends.get)
@@ -71,7 +81,7 @@ def main() -> None:
             print(
                 f"{split:<5} {prefix:<14} seeds {' '.join(f'{r:.4f}' for r in rmse)}  "
                 f"ensemble of {len(each)} {score(ensemble, targets)['rmse']:.4f}  "
-                f"factor model {score(factor, targets)['rmse']:.4f}  "
+                f"{args.reference} {score(reference, targets)['rmse']:.4f}  "
                 f"blend (w={w:.1f}, chosen on valid) {blends[w]:.4f}"
             )
 

@@ -29,15 +29,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from melo_dist.config import Config
-from melo_dist.data.dataset import load_dataset
 from melo_dist.meta import learner_from_state
 from melo_dist.training.checkpoint import load_checkpoint
 from melo_dist.training.evaluation import (
-    collect_targets,
-    eval_batches,
     learner_predictions,
     reference_predictions,
     rmse_difference,
+    split_targets,
     user_errors,
 )
 
@@ -68,23 +66,21 @@ def main() -> None:
     if first is None:
         raise SystemExit("at least one side must be checkpoints (they name the dataset)")
     config = Config.from_dict(load_checkpoint(first)["config"])
-    data = load_dataset(config.data)
-    users = data.split(args.split)
-    rows = users.with_earlier_targets(args.targets)
-    batches = list(eval_batches(rows, data.spec, config.data.eval_seed))
-    targets = collect_targets(batches)
+    data, batches, targets = split_targets(config, args.split, args.targets)
     a, b = (user_mse(side, data, batches, targets) for side in (args.a, args.b))
+    users = data.split(args.split)
     copies = {
         f"{name}#{k}" if k else name: user
         for user, name in enumerate(users.user_id)
         for k in range(args.targets)
     }
-    owner = np.array([copies[name] for name in rows.user_id])  # the user each target is of
+    owned = users.with_earlier_targets(args.targets).user_id  # the tasks' names, in order
+    owner = np.array([copies[name] for name in owned])  # the user each target is of
     per_user = [np.bincount(owner, mse) / np.bincount(owner) for mse in (a, b)]
     rng = np.random.default_rng(0)
     classes = targets.rating[:, 0]  # every query of a target ends at it
     print(
-        f"{args.split} users: {len(users)}, {len(rows)} targets; A = {' '.join(args.a)}; "
+        f"{args.split} users: {len(users)}, {len(owner)} targets; A = {' '.join(args.a)}; "
         f"B = {' '.join(args.b)}"
     )
     print("users            RMSE A   RMSE B   A - B    95 % interval")

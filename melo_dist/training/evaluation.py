@@ -65,11 +65,16 @@ def eval_batches(rows: TaskRows, spec: WindowSpec, seed: int, batch_size: int = 
         yield sample_tasks(rows.take(users), spec, seed=seed, train=False)
 
 
-def split_targets(config: Config, split: str) -> tuple[Dataset, list[TaskBatch], Targets]:
+def split_targets(
+    config: Config, split: str, per_user: int = 1
+) -> tuple[Dataset, list[TaskBatch], Targets]:
     """The dataset of `config`, the fixed evaluation windows of every user of `split` (each
-    scored on its last interaction) and their targets: what every model is scored on."""
+    scored on its last interaction; with `per_user` K, on each of its K last interactions, one
+    task a target: `TaskRows.with_earlier_targets`) and their targets: what every model is
+    scored on."""
     data = load_dataset(config.data)
-    batches = list(eval_batches(data.split(split), data.spec, config.data.eval_seed))
+    rows = data.split(split).with_earlier_targets(per_user)
+    batches = list(eval_batches(rows, data.spec, config.data.eval_seed))
     return data, batches, collect_targets(batches)
 
 
