@@ -36,12 +36,12 @@ BLEND_WEIGHTS = np.linspace(0, 1, 11)
 
 
 def predictions(
-    runs: dict[str, list[Path]], split: str, reference: str, per_user: int
+    runs: dict[str, list[Path]], split: str, reference: str, targets_per_user: int
 ) -> tuple[dict, np.ndarray, object]:
     """{prefix: [U, Q] per seed}, the reference point's [U, Q], and the targets of `split`."""
     first = load_checkpoint(next(iter(runs.values()))[0])
     config = Config.from_dict(first["config"])
-    data, batches, targets = split_targets(config, split, per_user)
+    data, batches, targets = split_targets(config, split, targets_per_user)
     seeds = {
         prefix: [
             learner_predictions(learner_from_state(load_checkpoint(p)), batches) for p in paths

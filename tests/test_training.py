@@ -37,6 +37,7 @@ from melo_dist.training.evaluation import (
     reference_points,
     reference_predictions,
     score,
+    split_targets,
 )
 from melo_dist.training.loop import Interrupted, train, train_local
 from melo_dist.training.run import TrainingRun, class_balanced_weights
@@ -296,6 +297,18 @@ def test_factor_reference_points_are_per_user_weighted_ridge_fits_and_beat_the_b
     )
     scores = reference_points(data.train, targets, data.num_items)
     assert scores["factor model"]["rmse"] < scores["bias model"]["rmse"]  # users have tastes
+
+
+def test_split_targets_score_each_user_on_its_last_interactions(synthetic_dir):
+    config = load_config(None, [f"data.path={synthetic_dir}"])
+    data, _, targets = split_targets(config, "test", targets_per_user=3)
+    rows = data.split("test")
+    assert len(targets.item) == 3 * len(rows)  # every synthetic user has >= 4 interactions
+    for k in range(3):  # copy k of user u is scored on u's k-th last interaction
+        last = rows.offsets[1:] - 1 - k
+        block = slice(k * len(rows), (k + 1) * len(rows))
+        assert np.array_equal(targets.item[block, 0], rows.items[last])
+        assert np.array_equal(targets.rating[block, 0], rows.ratings[last])
 
 
 def test_score_aggregates_per_user_then_over_users():

@@ -66,14 +66,14 @@ def eval_batches(rows: TaskRows, spec: WindowSpec, seed: int, batch_size: int = 
 
 
 def split_targets(
-    config: Config, split: str, per_user: int = 1
+    config: Config, split: str, targets_per_user: int = 1
 ) -> tuple[Dataset, list[TaskBatch], Targets]:
     """The dataset of `config`, the fixed evaluation windows of every user of `split` (each
-    scored on its last interaction; with `per_user` K, on each of its K last interactions, one
-    task a target: `TaskRows.with_earlier_targets`) and their targets: what every model is
-    scored on."""
+    scored on its last interaction; with `targets_per_user` K, on each of its K last
+    interactions, one task a target: `TaskRows.with_earlier_targets`) and their targets: what
+    every model is scored on."""
     data = load_dataset(config.data)
-    rows = data.split(split).with_earlier_targets(per_user)
+    rows = data.split(split).with_earlier_targets(targets_per_user)
     batches = list(eval_batches(rows, data.spec, config.data.eval_seed))
     return data, batches, collect_targets(batches)
 
