@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from melo_dist.config import Config
+from melo_dist.config import Config, load_config
 from melo_dist.meta import learner_from_state
 from melo_dist.training.checkpoint import load_checkpoint
 from melo_dist.training.evaluation import (
@@ -60,12 +60,16 @@ def main() -> None:
     parser.add_argument("--b", nargs="+", required=True, help="checkpoints, or a reference name")
     parser.add_argument("--split", default="test", choices=("valid", "test"))
     parser.add_argument("--targets", type=int, default=1, help="targets a user (its last K)")
+    parser.add_argument("--data", help="the prepared dataset, where neither side is checkpoints")
     args = parser.parse_args()
     torch.set_num_threads(1)  # beside other processes, 2 threads were 10x slower (findings)
     first = next((p for p in args.a + args.b if Path(p).exists()), None)
-    if first is None:
-        raise SystemExit("at least one side must be checkpoints (they name the dataset)")
-    config = Config.from_dict(load_checkpoint(first)["config"])
+    if first is not None:
+        config = Config.from_dict(load_checkpoint(first)["config"])
+    elif args.data:
+        config = load_config(None, [f"data.path={args.data}"])
+    else:
+        raise SystemExit("name the dataset: checkpoints on one side, or --data")
     data, batches, targets = split_targets(config, args.split, args.targets)
     a, b = (user_mse(side, data, batches, targets) for side in (args.a, args.b))
     users = data.split(args.split)
