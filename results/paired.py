@@ -73,13 +73,7 @@ def main() -> None:
     data, batches, targets = split_targets(config, args.split, args.targets)
     a, b = (user_mse(side, data, batches, targets) for side in (args.a, args.b))
     users = data.split(args.split)
-    copies = {
-        f"{name}#{k}" if k else name: user
-        for user, name in enumerate(users.user_id)
-        for k in range(args.targets)
-    }
-    owned = users.with_earlier_targets(args.targets).user_id  # the tasks' names, in order
-    owner = np.array([copies[name] for name in owned])  # the user each target is of
+    owner = users.earlier_target_users(args.targets)  # the user each target is of
     per_user = [np.bincount(owner, mse) / np.bincount(owner) for mse in (a, b)]
     rng = np.random.default_rng(0)
     classes = targets.rating[:, 0]  # every query of a target ends at it

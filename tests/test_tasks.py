@@ -166,3 +166,4 @@ def test_earlier_targets_are_the_users_cut_short():
             (row,) = index
             got = expanded.items[expanded.offsets[row] : expanded.offsets[row + 1]]
             assert np.array_equal(got, rows.items[start:stop])
+            assert rows.earlier_target_users(3)[row] == u  # each copy names its user

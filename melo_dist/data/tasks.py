@@ -93,11 +93,19 @@ class TaskRows:
         """The rows of `users` (indices), as a new TaskRows."""
         return self.segments(self.user_id[users], self.offsets[users], self.lengths[users])
 
+    def earlier_target_users(self, cuts: int) -> np.ndarray:
+        """The user (index) of each copy `with_earlier_targets(cuts)` makes, in its order."""
+        return np.concatenate(self.copies_kept(cuts))
+
+    def copies_kept(self, cuts: int) -> list[np.ndarray]:
+        """Per k < cuts, the users long enough to lose k interactions and keep 2."""
+        return [np.flatnonzero(self.lengths - k >= 2) for k in range(cuts)]
+
     def with_earlier_targets(self, cuts: int) -> TaskRows:
         """Each user `cuts` times: as is, then without its last 1, ..., cuts - 1 interactions
         (copies named "user#k"; a copy needs 2 interactions). Evaluated with `train=False`,
         copy k's target is the user's k-th last interaction: more targets per user."""
-        kept = [np.flatnonzero(self.lengths - k >= 2) for k in range(cuts)]
+        kept = self.copies_kept(cuts)
         names = [
             self.user_id[users] if k == 0 else np.array([f"{u}#{k}" for u in self.user_id[users]])
             for k, users in enumerate(kept)
