@@ -11,7 +11,14 @@ import torch
 from torch.func import functional_call
 
 from melo_dist.data.tasks import TaskBatch
-from melo_dist.meta.melo import MetaLearner, lr_key, meta_step, step_importance, times
+from melo_dist.meta.melo import (
+    MetaLearner,
+    last_position,
+    lr_key,
+    meta_step,
+    step_importance,
+    times,
+)
 from melo_dist.models.heads import user_regressors
 
 
@@ -66,7 +73,7 @@ def reference_meta_loss(
                 )
                 q_mask = batch.query_mask[b]
                 if learner.query_loss == "last":  # each query's target only
-                    q_mask = q_mask & (torch.arange(q_mask.shape[-1]) == q_mask.shape[-1] - 1)
+                    q_mask = last_position(q_mask)
                 q_se = (q_pred - batch.query_ratings[b] / scale) ** 2
                 if balanced:
                     q_se = learner.target_weights(batch.query_ratings[b]) * q_se

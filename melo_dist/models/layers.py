@@ -108,11 +108,11 @@ def attention_mask(item_seq: torch.Tensor, causal: bool) -> torch.Tensor:
     Padding keys are hidden; every position may always see itself, so an all-padding row
     (left padding) still has one key and softmax never produces NaN.
     """
-    length = item_seq.shape[-1]
+    length, device = item_seq.shape[-1], item_seq.device
     allowed = (item_seq > 0).unsqueeze(-2).expand(*item_seq.shape[:-1], length, length)
     if causal:
-        allowed = allowed & torch.ones(length, length, dtype=torch.bool).tril()
-    return allowed | torch.eye(length, dtype=torch.bool)
+        allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    return allowed | torch.eye(length, dtype=torch.bool, device=device)
 
 
 class TransformerBlock(nn.Module):

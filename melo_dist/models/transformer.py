@@ -73,7 +73,8 @@ class SelfAttentiveRegressor(SequenceRegressor):
         positions = torch.cat([weight[-past - 1 : -1], weight[-1:].expand(count, -1)])
         sequence = torch.cat([context, candidates], -1)
         mask = attention_mask(sequence, causal=True)
-        mask[..., past:, past:] = torch.eye(count, dtype=torch.bool)  # not the other candidates
+        # each candidate sees the context and itself, not the other candidates
+        mask[..., past:, past:] = torch.eye(count, dtype=torch.bool, device=mask.device)
         states = self.attend(sequence, positions, mask)[..., past:, :]
         return self.head(states, candidates)
 
