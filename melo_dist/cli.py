@@ -16,7 +16,7 @@ from melo_dist.data.formats import SOURCES
 from melo_dist.data.prepare import PrepareSettings
 from melo_dist.data.synthetic import SyntheticSpec
 from melo_dist.errors import InputError
-from melo_dist.runtime import exit_on_sigterm, log
+from melo_dist.runtime import exit_on_sigterm, log, training_device
 
 SYNTHETIC = "synthetic"  # the embedded generator: a source that is generated, not read
 
@@ -125,6 +125,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise InputError(f"--max-failures must be 0 or more, got {args.max_failures}")
     if args.max_minutes is not None and args.max_minutes <= 0:
         raise InputError(f"--max-minutes takes minutes > 0, got {args.max_minutes:g}")
+    device = training_device(args.use_gpu) if args.workers == 0 else None  # Ray picks its own
     out = config.run.out  # a path or a URI: kept as written
     changed = ", ".join(config.changed_settings()) or "none"
     log(f"training {out} ({CONFIG} there): settings that differ from the reference's: {changed}")
@@ -138,7 +139,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     try:
         if args.workers == 0:
             best = train_local(
-                config, log=line.message, max_minutes=args.max_minutes, progress=line
+                config,
+                log=line.message,
+                max_minutes=args.max_minutes,
+                progress=line,
+                device=device,
             )
         else:
             from melo_dist.distributed.train import connect, fit
@@ -321,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: 1 on a joined cluster; on a local Ray this command starts, up to 1, "
         "leaving half a CPU for Ray Data",
     )
-    train.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    train.add_argument(
+        "--use-gpu", action="store_true", help="train on a GPU (with --workers: one per worker)"
+    )
     train.add_argument(
         "--max-minutes",
         type=float,

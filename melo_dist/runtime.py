@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from melo_dist.errors import InputError
+
 
 def log(message: str) -> None:
     print(f"[melo-dist] {message}", file=sys.stderr, flush=True)
@@ -19,6 +21,18 @@ def prepare_process(threads: int) -> None:
     if threads > 0:
         torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
+
+
+def training_device(use_gpu: bool) -> torch.device:
+    """The in-process training device: CUDA with `use_gpu`, where torch sees a GPU."""
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise InputError(
+            f"--use-gpu: torch {torch.__version__} sees no CUDA device "
+            "(a CPU build, or no GPU on this machine); leave --use-gpu out to train on the CPU"
+        )
+    return torch.device("cuda")
 
 
 def exit_on_sigterm() -> None:

@@ -408,6 +408,15 @@ def test_negative_worker_flags_exit_2(tmp_path, capsys, flag):
     assert not out.exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_use_gpu_without_a_gpu_exits_2_saying_so(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--use-gpu", "--set", f"run.out={out}"]) == 2
+    error = capsys.readouterr().err
+    assert "--use-gpu" in error and "no CUDA device" in error
+    assert len(error.strip().splitlines()) == 1 and not out.exists()
+
+
 def scalar_tags(path) -> set[str]:
     """The scalar tags of a TensorBoard event file (TFRecords of Event protos)."""
     from tensorboardX.proto.event_pb2 import Event

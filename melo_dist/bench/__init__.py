@@ -7,6 +7,7 @@ import json
 import multiprocessing as mp
 import resource
 from collections.abc import Callable
+from typing import Any
 
 from melo_dist.data.statistics import format_table
 from melo_dist.errors import InputError
@@ -30,7 +31,7 @@ def run_benchmark(name: str, options: list[str]) -> None:
     print(json.dumps({"bench": name, **figures}))
 
 
-def in_fresh_process(measure: Callable[..., float], *args) -> tuple[float, float]:
+def in_fresh_process(measure: Callable, *args) -> tuple[Any, float]:
     """(what `measure(*args)` returns, the process's peak RSS in MiB), run in a spawned process
     so that each variant's memory peak is its own and no caches are shared."""
     context = mp.get_context("spawn")
@@ -42,6 +43,6 @@ def in_fresh_process(measure: Callable[..., float], *args) -> tuple[float, float
     return result
 
 
-def _measure_into(queue: mp.Queue, measure: Callable[..., float], *args) -> None:
+def _measure_into(queue: mp.Queue, measure: Callable, *args) -> None:
     value = measure(*args)
     queue.put((value, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))

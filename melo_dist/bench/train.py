@@ -16,23 +16,29 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from melo_dist.bench import in_fresh_process
 from melo_dist.config import load_config
 from melo_dist.data.dataset import load_dataset
 from melo_dist.data.prepare import PrepareSettings, prepare
 from melo_dist.data.sampler import EpochSampler
 from melo_dist.data.synthetic import SyntheticSpec, generate_ratings
-from melo_dist.runtime import prepare_process
+from melo_dist.runtime import prepare_process, training_device
 from melo_dist.training.loop import train
 from melo_dist.training.run import TrainingRun
 
 
-def measure(overrides: list[str], warmup: int, iterations: int) -> float:
-    """Seconds per training iteration after `warmup` iterations (first calls are slower)."""
+def measure(
+    overrides: list[str], warmup: int, iterations: int, use_gpu: bool
+) -> tuple[float, float | None]:
+    """(seconds per training iteration after `warmup` iterations (first calls are slower),
+    the GPU's peak allocated MiB or None on the CPU). The loop reads each iteration's loss,
+    which waits for the GPU, so the clock sees its work."""
     config = load_config(None, overrides)
     prepare_process(config.run.threads)
     data = load_dataset(config.data)
-    run = TrainingRun(config, data)
+    run = TrainingRun(config, data, device=training_device(use_gpu))
     sampler = EpochSampler(data.train, data.spec, config.run.seed, config.meta.tasks_per_batch)
     stamps = []
 
@@ -44,7 +50,8 @@ def measure(overrides: list[str], warmup: int, iterations: int) -> float:
 
     batches = itertools.islice(sampler.batches(0), warmup + iterations)
     train(run, timed(batches), save=lambda losses, seconds: None, log=lambda message: None)
-    return (stamps[-1] - stamps[warmup]) / iterations
+    gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if use_gpu else None
+    return (stamps[-1] - stamps[warmup]) / iterations, gpu_peak
 
 
 def embedded_default(folder: Path) -> Path:
@@ -66,8 +73,12 @@ def run(options: list[str]) -> tuple[str, list, dict]:
         "--multi-step", default="on", choices=("on", "off"), help="the MAML++ multi-step phase"
     )
     parser.add_argument("--set", action="append", default=[], help="extra config overrides")
+    parser.add_argument("--use-gpu", action="store_true", help="train on the GPU")
     args = parser.parse_args(options)
-    table, figures = [], {"threads": args.threads, "multi_step": args.multi_step}
+    training_device(args.use_gpu)  # no GPU: say so before preparing anything
+    device = "cuda" if args.use_gpu else "cpu"
+    table = []
+    figures = {"threads": args.threads, "multi_step": args.multi_step, "device": device}
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or str(embedded_default(Path(tmp)))
         for backbone, regime in itertools.product(
@@ -83,14 +94,17 @@ def run(options: list[str]) -> tuple[str, list, dict]:
                 f"meta.multi_step_iterations={1000 if args.multi_step == 'on' else 0}",
                 *args.set,
             ]
-            seconds, peak = in_fresh_process(measure, overrides, args.warmup, args.iterations)
+            (seconds, gpu_peak), peak = in_fresh_process(
+                measure, overrides, args.warmup, args.iterations, args.use_gpu
+            )
             tasks = load_config(None, overrides).meta.tasks_per_batch
             name = f"{backbone}_{regime}"
+            gpu = "" if gpu_peak is None else f"  GPU peak {gpu_peak:,.0f} MiB"
             table.append(
                 (
                     f"{backbone} {regime}",
                     f"{seconds:.3f} s/iteration  {tasks / seconds:6.2f} users/s  "
-                    f"peak {peak:,.0f} MiB",
+                    f"peak {peak:,.0f} MiB{gpu}",
                 )
             )
             figures.update(
@@ -100,9 +114,11 @@ def run(options: list[str]) -> tuple[str, list, dict]:
                     f"peak_mib_{name}": round(peak),
                 }
             )
+            if gpu_peak is not None:
+                figures[f"gpu_peak_mib_{name}"] = round(gpu_peak)
     title = (
         f"bench train: {args.iterations} meta-iterations after {args.warmup} warm-up, "
-        f"{args.threads} thread(s), multi-step phase {args.multi_step}, no validation; "
+        f"{args.threads} thread(s), {device}, multi-step phase {args.multi_step}, no validation; "
         f"data {args.data or 'embedded synthetic default'}"
     )
     return title, table, figures

@@ -157,15 +157,16 @@ def train_local(
     log: Callable[[str], None] = log_to_stderr,
     max_minutes: float | None = None,
     progress: Callable[[dict], None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict:
-    """Meta-train in this process into config.run.out (resuming the run there); returns the
-    best validation record. SIGINT/SIGTERM (in the main thread) and `max_minutes` stop it after
-    the current iteration with its checkpoint written; a signal then raises `Interrupted`.
-    `log` and `progress`: as `train` takes them."""
+    """Meta-train in this process, on `device`, into config.run.out (resuming the run there);
+    returns the best validation record. SIGINT/SIGTERM (in the main thread) and `max_minutes`
+    stop it after the current iteration with its checkpoint written; a signal then raises
+    `Interrupted`. `log` and `progress`: as `train` takes them."""
     config.check_training()
     prepare_process(config.run.threads)
     data = load_dataset(config.data)
-    run = TrainingRun(config, data)
+    run = TrainingRun(config, data, device=device)
     out = checked_out(config.run.out)  # a URI: its files in a local working copy
     state = resumable_state(config.run.out, config.to_dict())
     if state is not None:
