@@ -57,6 +57,7 @@ LOWER_BOUNDS = [
     ("optim.encoder_lr", 0, False),
     ("optim.encoder_lr_min", 0, True),
     ("optim.lslr_lr", 0, True),
+    ("optim.average", 0, True),
     ("run.seed", 0, True),
     ("run.validate_every", 1, True),
     ("run.log_every", 1, True),
@@ -129,6 +130,9 @@ class OptimConfig:
     encoder_lr: float = 0.1  # weight-net Adam, cosine-decayed to encoder_lr_min
     encoder_lr_min: float = 0.01
     lslr_lr: float = 1e-3  # inner learning rates' Adam
+    # > 0: validation, checkpoint selection and every later use score an exponential moving
+    # average of the parameters (Polyak averaging) with this decay; 0 = the parameters as is
+    average: float = 0.0
 
 
 @dataclass
@@ -176,6 +180,7 @@ class Config:
             ),
             ("model.dim", self.model.dim % self.model.heads == 0, "divisible by model.heads"),
             ("model.dropout", self.model.dropout < 1, "< 1"),
+            ("optim.average", self.optim.average < 1, "< 1"),
             ("model.max_length", self.model.max_length >= self.data.window, ">= data.window"),
         ]
         for key, ok, expected in checks:

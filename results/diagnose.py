@@ -28,14 +28,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a checkpoint file or run folder (best.pt)")
     parser.add_argument("--split", default="valid", choices=("valid", "test"))
+    parser.add_argument(
+        "--targets", type=int, default=1, help="score each user on its K last interactions"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     state = load_checkpoint(args.checkpoint)
     config = Config.from_dict(state["config"])
     learner = learner_from_state(state)
-    _, batches, targets = split_targets(config, args.split)
+    _, batches, targets = split_targets(config, args.split, args.targets)
     rmse = rmse_by_steps(learner, batches, targets)
-    print(f"{args.checkpoint} (iteration {state['iteration']}), {args.split} users:")
+    scored = f"{args.split} users" + (f", {args.targets} targets each" if args.targets > 1 else "")
+    print(f"{args.checkpoint} (iteration {state['iteration']}), {scored}:")
     print("  RMSE after 0..J inner steps: " + " / ".join(f"{r:.4f}" for r in rmse))
     weights = weights_by_rating(learner, batches)
     if weights:

@@ -18,6 +18,7 @@ from melo_dist.config import LOWER_BOUNDS, Config, load_config
 from melo_dist.data.dataset import load_dataset
 from melo_dist.data.sampler import EpochSampler
 from melo_dist.errors import InputError
+from melo_dist.meta import learner_from_state
 from melo_dist.training.baselines import (
     FACTOR_SHRINK,
     RECENCY_DECAY,
@@ -27,7 +28,14 @@ from melo_dist.training.baselines import (
     recency_weights,
     ridge,
 )
-from melo_dist.training.checkpoint import BEST, LAST, METRICS, best_record, load_checkpoint
+from melo_dist.training.checkpoint import (
+    BEST,
+    LAST,
+    METRICS,
+    best_record,
+    load_checkpoint,
+    read_metrics,
+)
 from melo_dist.training.evaluation import (
     Targets,
     collect_targets,
@@ -40,7 +48,7 @@ from melo_dist.training.evaluation import (
     split_targets,
 )
 from melo_dist.training.loop import Interrupted, train, train_local
-from melo_dist.training.run import TrainingRun, class_balanced_weights
+from melo_dist.training.run import TrainingRun, average_into, class_balanced_weights
 
 
 class Crash(Exception):
@@ -52,20 +60,18 @@ def crash_after_iteration_3(message: str) -> None:
         raise Crash
 
 
-def test_resume_continues_exactly(synthetic_dir, tmp_path):
-    train_local(
-        tiny_config(synthetic_dir, tmp_path / "straight", validate_every=3),
-        log=lambda message: None,
-    )
+@pytest.mark.parametrize("average", [0.0, 0.5], ids=["plain", "averaged"])
+def test_resume_continues_exactly(synthetic_dir, tmp_path, average):
+    def config(name: str) -> Config:
+        config = tiny_config(synthetic_dir, tmp_path / name, validate_every=3)
+        config.optim.average = average
+        return config
+
+    train_local(config("straight"), log=lambda message: None)
     with pytest.raises(Crash):
-        train_local(
-            tiny_config(synthetic_dir, tmp_path / "resumed", validate_every=3),
-            log=crash_after_iteration_3,
-        )
+        train_local(config("resumed"), log=crash_after_iteration_3)
     messages = []
-    train_local(
-        tiny_config(synthetic_dir, tmp_path / "resumed", validate_every=3), log=messages.append
-    )
+    train_local(config("resumed"), log=messages.append)
     assert any("resuming" in m and "iteration 3" in m for m in messages)
 
     a, b = (
@@ -73,13 +79,40 @@ def test_resume_continues_exactly(synthetic_dir, tmp_path):
         load_checkpoint(tmp_path / "resumed" / LAST),
     )
     assert a["iteration"] == b["iteration"] == 6
-    for name, value in a["learner"].items():
-        assert torch.equal(value, b["learner"][name]), name
+    for weights in ("learner", "averaged") if average else ("learner",):
+        for name, value in a[weights].items():
+            assert torch.equal(value, b[weights][name]), f"{weights}: {name}"
     iterations = [
         json.loads(line)["iteration"]
         for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     ]
     assert iterations == [3, 6]  # nothing counted twice
+
+
+def test_the_moving_average_ramps_its_decay_up_to_optim_average():
+    averaged, learner = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    averaged.weight.data.fill_(0.0)
+    learner.weight.data.fill_(1.0)
+    average_into(averaged, learner, 0.9, step=1)  # decay (1 + 1) / (10 + 1), below 0.9
+    assert averaged.weight.item() == pytest.approx(9 / 11)
+    average_into(averaged, learner, 0.9, step=1000)  # decay 0.9
+    assert averaged.weight.item() == pytest.approx(9 / 11 + 0.1 * 2 / 11)
+
+
+def test_averaged_parameters_are_what_validation_and_checkpoints_score(synthetic_dir, tmp_path):
+    plain = tiny_config(synthetic_dir, tmp_path / "plain")
+    averaged = tiny_config(synthetic_dir, tmp_path / "averaged")
+    averaged.optim.average = 0.5
+    for config in (plain, averaged):
+        train_local(config, log=lambda message: None)
+    a, b = (load_checkpoint(tmp_path / name / LAST) for name in ("plain", "averaged"))
+    assert "averaged" not in a
+    for name, value in a["learner"].items():  # the average only watches the training
+        assert torch.equal(value, b["learner"][name]), name
+    assert any(not torch.equal(b["averaged"][n], b["learner"][n]) for n in b["learner"])
+    run = TrainingRun(averaged, load_dataset(averaged.data))
+    scored = evaluate_learner(learner_from_state(b), run.valid_batches, run.valid_targets)
+    assert scored["rmse"] == pytest.approx(read_metrics(tmp_path / "averaged")[-1]["valid_rmse"])
 
 
 def test_a_run_folder_left_by_a_crash_resumes(synthetic_dir, tmp_path, capsys):

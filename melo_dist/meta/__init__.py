@@ -11,7 +11,14 @@ from melo_dist.meta.melo import MetaLearner, meta_step
 from melo_dist.meta.weighting import build_weighting
 from melo_dist.models import build_backbone
 
-__all__ = ["BasicLearner", "MetaLearner", "build_learner", "learner_from_state", "meta_step"]
+__all__ = [
+    "BasicLearner",
+    "MetaLearner",
+    "build_learner",
+    "learner_from_state",
+    "meta_step",
+    "scored_weights",
+]
 
 
 def build_learner(config: Config, num_items: int, levels: list[float]) -> nn.Module:
@@ -33,5 +40,11 @@ def learner_from_state(state: dict) -> nn.Module:
     learner = build_learner(
         Config.from_dict(state["config"]), state["num_items"], state["rating_levels"]
     )
-    learner.load_state_dict(state["learner"])
+    learner.load_state_dict(scored_weights(state))
     return learner
+
+
+def scored_weights(state: dict) -> dict:
+    """A checkpoint's weights to predict with: the parameters' moving average where training
+    kept one (optim.average), else the parameters."""
+    return state.get("averaged", state["learner"])

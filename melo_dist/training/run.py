@@ -8,6 +8,7 @@ the gradients across ranks in between.
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from melo_dist.data.dataset import Dataset
 from melo_dist.data.seeds import derive_seed
 from melo_dist.data.tasks import TaskBatch
 from melo_dist.errors import InputError
-from melo_dist.meta import build_learner, meta_step
+from melo_dist.meta import build_learner, meta_step, scored_weights
 from melo_dist.storage import local_folder
 from melo_dist.training.baselines import bias_statistics, item_factors
 from melo_dist.training.checkpoint import (
@@ -55,6 +56,9 @@ class TrainingRun:
             power = config.meta.outer_balance
             self.learner.outer_weights.copy_(class_balanced_weights(data, power))
         self.learner.to(self.device)
+        # optim.average: validation scores the parameters' moving average, which checkpoints
+        # keep (its parameters require gradients: the inner loop differentiates through them)
+        self.averaged = copy.deepcopy(self.learner) if config.optim.average else None
         optim = config.optim
         self.params = {
             group: [p for n, p in self.learner.named_parameters() if n.startswith(group + ".")]
@@ -106,6 +110,14 @@ class TrainingRun:
         for scheduler in self.schedulers.values():
             scheduler.step()
         self.iteration += 1
+        if self.averaged is not None:
+            average_into(self.averaged, self.learner, self.config.optim.average, self.iteration)
+
+    @property
+    def scored(self) -> torch.nn.Module:
+        """What validation scores and a checkpoint's users load: the averaged parameters with
+        optim.average, else the learner itself."""
+        return self.learner if self.averaged is None else self.averaged
 
     def at_checkpoint(self) -> bool:
         return (
@@ -114,7 +126,7 @@ class TrainingRun:
         )
 
     def validate(self) -> dict:
-        return evaluate_learner(self.learner, self.valid_batches, self.valid_targets)
+        return evaluate_learner(self.scored, self.valid_batches, self.valid_targets)
 
     def checkpoint(self, out: Path, losses: list[float], seconds: float) -> dict:
         """Validate, append the metrics record to `out`, then write last.pt (and best.pt when
@@ -158,8 +170,10 @@ class TrainingRun:
             self.events = None
 
     def state_dict(self) -> dict:
+        averaged = {} if self.averaged is None else {"averaged": self.averaged.state_dict()}
         return {
             "learner": self.learner.state_dict(),
+            **averaged,
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
             "iteration": self.iteration,
@@ -177,11 +191,25 @@ class TrainingRun:
                 path=self.data.path,
             )
         self.learner.load_state_dict(state["learner"])
+        if self.averaged is not None:
+            self.averaged.load_state_dict(state["averaged"])
         for key, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state["optimizers"][key])
         for key, scheduler in self.schedulers.items():
             scheduler.load_state_dict(state["schedulers"][key])
         self.iteration, self.best_rmse = state["iteration"], state["best_rmse"]
+
+
+def average_into(
+    averaged: torch.nn.Module, learner: torch.nn.Module, decay: float, step: int
+) -> None:
+    """One step of the parameters' exponential moving average. Its decay ramps up as
+    (1 + step) / (10 + step) (as TensorFlow's ExponentialMovingAverage), so the first
+    iterations' parameters do not linger in it."""
+    rate = 1 - min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for mean, param in zip(averaged.parameters(), learner.parameters()):
+            mean.lerp_(param, rate)
 
 
 def class_balanced_weights(data: Dataset, power: float = 1.0) -> torch.Tensor:
@@ -206,7 +234,7 @@ def init_bias_head(learner: torch.nn.Module, data: Dataset, factors: int) -> Non
 
 def init_embeddings(learner: torch.nn.Module, checkpoint: str) -> None:
     """Start item (and position) embeddings from a trained `basic` model, as the reference."""
-    state = load_checkpoint(checkpoint)["learner"]
+    state = scored_weights(load_checkpoint(checkpoint))
     own = learner.state_dict()
     names = [n for n in own if n.endswith("embedding.weight") and n in state]
     if not names:
