@@ -20,11 +20,24 @@ for s in sockets:
     s.bind(("", 0))
 print(*(s.getsockname()[1] for s in sockets))')
 address=http://127.0.0.1:$dashboard_port
-cleanup() {  # this head's processes are the ones that name its temp dir
-  pkill -TERM -f "$work/ray" 2>/dev/null || true
-  for _ in 1 2 3 4 5 6 7 8 9 10; do pgrep -f "$work/ray" >/dev/null || break; sleep 1; done
-  pkill -KILL -f "$work/ray" 2>/dev/null || true
+cleanup() {  # this head's processes, and its jobs' entry points, name the work folder
+  pkill -TERM -f "$work/" 2>/dev/null || true
+  for _ in 1 2 3 4 5 6 7 8 9 10; do pgrep -f "$work/" >/dev/null || break; sleep 1; done
+  pkill -KILL -f "$work/" 2>/dev/null || true
   rm -rf "$work"
+}
+# A job normally finishes in about a minute; one that hangs (a starved machine) fails the
+# smoke test after this long, with its log, instead of holding the test run forever.
+job_timeout=${SMOKE_JOB_TIMEOUT:-900}
+submit() {  # submit LOG ARGS...: `ray job submit ARGS` within job_timeout, its log on failure
+  local log=$1 code=0
+  shift
+  timeout "$job_timeout" ray job submit "$@" > "$log" 2>&1 || code=$?
+  if [ "$code" -ne 0 ]; then
+    [ "$code" -eq 124 ] && echo "[job-submit smoke] the job did not finish in ${job_timeout} s"
+    tail -n 40 "$log"
+    exit 1
+  fi
 }
 trap cleanup EXIT
 
@@ -55,13 +68,13 @@ if RAY_AUTH_TOKEN_PATH=$work/other_token ray job list --address "$address" >/dev
 fi
 echo "[job-submit smoke] ok: requests without the token or with another one are refused"
 id=melo-smoke-$$
-ray job submit --address "$address" --submission-id "$id" \
+submit "$work/job.log" --address "$address" --submission-id "$id" \
   --runtime-env-json '{"working_dir": ".", "excludes": [".venv", ".git", "runs", "data"]}' \
   -- python jobs/train.py --workers 2 --set data.path="$work/data" --set run.out="$work/run" \
   --set model.backbone=gru4rec --set model.dim=8 --set meta.tasks_per_batch=4 \
   --set meta.inner_steps=1 --set optim.iterations=4 --set meta.multi_step_iterations=2 \
   --set run.validate_every=2 \
-  --set data.valid_users=30 > "$work/job.log" 2>&1 || { tail -n 40 "$work/job.log"; exit 1; }
+  --set data.valid_users=30
 status=$(ray job status --address "$address" "$id" 2>&1)
 echo "$status" | grep -q "Job '$id' succeeded" || { echo "$status"; tail -n 40 "$work/job.log"; exit 1; }
 echo "[job-submit smoke] ray job status: SUCCEEDED"
@@ -72,11 +85,10 @@ test "$(tail -n 1 "$work/run/metrics.jsonl" | python -c 'import json,sys; print(
 echo "[job-submit smoke] ok: job $id succeeded and wrote best.pt, last.pt, metrics.jsonl"
 
 # The sweep entry point as a job: two tiny trials of the smoke space.
-ray job submit --address "$address" --submission-id "$id-sweep" \
+submit "$work/sweep.log" --address "$address" --submission-id "$id-sweep" \
   --runtime-env-json '{"working_dir": ".", "excludes": [".venv", ".git", "runs", "data"]}' \
   -- python tune/sweep.py --space tune/spaces/smoke.yaml --trials 2 \
-  --set data.path="$work/data" --out "$work/sweep" > "$work/sweep.log" 2>&1 \
-  || { tail -n 40 "$work/sweep.log"; exit 1; }
+  --set data.path="$work/data" --out "$work/sweep"
 for artifact in results.csv best.yaml valid_rmse.png parameters.png; do
   test -s "$work/sweep/$artifact" || { echo "missing sweep output $artifact"; exit 1; }
 done
