@@ -109,7 +109,16 @@ def test_a_plan_runs_as_a_tune_grid_and_resumes_from_its_records(
 
 @pytest.mark.parametrize(
     "plan",
-    ["ml100k", "ml1m-subset", "ml1m-rare", "ml100k-rare", "ml1m-recency", "ml1m-recency-gru4rec"],
+    [
+        "ml100k",
+        "ml1m-subset",
+        "ml1m-rare",
+        "ml100k-rare",
+        "ml1m-recency",
+        "ml1m-recency-gru4rec",
+        "ml1m-average",
+        "ml1m-half",
+    ],
 )
 def test_results_tables_are_what_the_study_writes_from_their_records(study, plan, tmp_path):
     """results/<plan>.md and .json are the study command's output for the committed records:
