@@ -21,6 +21,7 @@ from melo_dist.meta.melo import (
 )
 from melo_dist.meta.reference import reference_meta_step
 from melo_dist.meta.weighting import ClassBalanced, InnerWeighting
+from melo_dist.models.layers import GRU
 from melo_dist.models.packing import Packing, pack_layout
 from melo_dist.report.learned import inner_learning_rates
 
@@ -344,6 +345,25 @@ def test_step_importance_anneals_onto_the_last_step():
     assert sum(middle) == pytest.approx(1.0) and middle[-1] > middle[0]
     assert step_importance(3, 100, 100) == [0.0, 0.0, 1.0]
     assert step_importance(3, 5, 0) == [0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("skipped", [0, 3])
+def test_gru_layer_is_torch_gru(skipped):
+    """The hand-written cells (for vmap and double backward) compute torch.nn.GRU, also when
+    dropped left padding is read as zeros from the layer's initial state."""
+    torch.manual_seed(0)
+    ours, reference = GRU(5, 4, num_layers=2), torch.nn.GRU(5, 4, num_layers=2, batch_first=True)
+    with torch.no_grad():
+        ours.h0.normal_()
+        for layer in range(2):
+            for kind, proj in (("ih", ours.input_proj[layer]), ("hh", ours.hidden_proj[layer])):
+                proj.weight.copy_(getattr(reference, f"weight_{kind}_l{layer}"))
+                proj.bias.copy_(getattr(reference, f"bias_{kind}_l{layer}"))
+    x = torch.randn(3, 6, 5)
+    padded = torch.cat([x.new_zeros(3, skipped, 5), x], 1)
+    h0 = ours.h0[:, None].expand(2, 3, 4).contiguous()
+    expected = reference(padded, h0)[0][:, skipped:]
+    torch.testing.assert_close(ours(x, skipped), expected)
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
