@@ -21,12 +21,14 @@ from conftest import tiny_config
 from melo_dist.cli import main
 from melo_dist.distributed.train import (
     RAY_CHECKPOINTS,
+    build_trainer,
     connect,
     default_cpus_per_worker,
     fit,
     trainer_name,
     training_users,
 )
+from melo_dist.errors import InputError
 from melo_dist.report.build import write_report
 from melo_dist.training.checkpoint import LAST, load_checkpoint, read_metrics
 from melo_dist.training.loop import Interrupted
@@ -215,6 +217,14 @@ def test_ray_refuses_to_resume_a_run_of_another_config(
     assert main([*args, *changed]) == 2
     assert "optim.lr was 0.001" in capsys.readouterr().err
     assert all(p.stat().st_mtime_ns == t for p, t in before.items() if p.exists())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine has 2 GPUs")
+def test_use_gpu_with_more_workers_than_local_gpus_is_refused(ray_session, synthetic_dir, tmp_path):
+    """Ray would wait forever for the GPUs a local instance does not have."""
+    config = tiny_config(synthetic_dir, tmp_path / "run", iterations=2)
+    with pytest.raises(InputError, match=r"--use-gpu: .* GPU\(s\) for 2 worker\(s\)"):
+        build_trainer(config, 2, use_gpu=True)
 
 
 def settings_of(data_dir, out) -> list[str]:

@@ -75,8 +75,7 @@ def run(options: list[str]) -> tuple[str, list, dict]:
     parser.add_argument("--set", action="append", default=[], help="extra config overrides")
     parser.add_argument("--use-gpu", action="store_true", help="train on the GPU")
     args = parser.parse_args(options)
-    training_device(args.use_gpu)  # no GPU: say so before preparing anything
-    device = "cuda" if args.use_gpu else "cpu"
+    device = training_device(args.use_gpu).type  # no GPU: say so before preparing anything
     table = []
     figures = {"threads": args.threads, "multi_step": args.multi_step, "device": device}
     with tempfile.TemporaryDirectory() as tmp:

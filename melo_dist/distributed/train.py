@@ -272,6 +272,13 @@ def build_trainer(
     progress events on, for the driver to show. `stop`: a `StopFlag` the ranks stop on."""
     config.check_training()
     config.check_workers(workers)
+    if use_gpu and started_here():  # Ray would wait forever for GPUs this machine lacks
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus < workers:
+            raise InputError(
+                f"--use-gpu: the local Ray instance has {gpus:g} GPU(s) for {workers} "
+                "worker(s), one each; use fewer workers, or leave --use-gpu out"
+            )
     config = Config.from_dict(config.to_dict())  # paths are made absolute below: work on a copy
     # workers may run elsewhere in the file system: give them absolute paths (URIs stay)
     if not is_uri(config.data.path) and Path(config.data.path).exists():

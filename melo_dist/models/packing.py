@@ -30,15 +30,12 @@ def pack_layout(items: torch.Tensor, groups: Groups) -> dict[str, torch.Tensor]:
     count = int(real.sum(1).max())
     tokens = torch.argsort(~real, dim=1, stable=True)[:, :count]  # real slots first, in order
     slots = torch.where(real, real.cumsum(1) - 1, count).view(items.shape)
-    width = items.shape[-1]
-    # each slot's row in its group
-    group_rows = torch.zeros(items.shape, dtype=torch.long, device=items.device)
+    width, device = items.shape[-1], items.device
+    group_rows = torch.zeros(items.shape, dtype=torch.long, device=device)  # slot's row in group
     offset = 0
     for windows, skipped in groups:
         kept = width - skipped
-        rows = torch.arange((windows.stop - windows.start) * kept, device=items.device).view(
-            -1, kept
-        )
+        rows = torch.arange((windows.stop - windows.start) * kept, device=device).view(-1, kept)
         group_rows[:, windows, skipped:] = offset + rows
         offset += rows.numel()
     returns = group_rows.flatten(1).gather(1, tokens)
