@@ -21,7 +21,7 @@ from melo_dist.meta.melo import (
 )
 from melo_dist.meta.reference import reference_meta_step
 from melo_dist.meta.weighting import ClassBalanced, InnerWeighting
-from melo_dist.models.layers import GRU
+from melo_dist.models.layers import GRU, attention_mask
 from melo_dist.models.packing import Packing, pack_layout
 from melo_dist.report.learned import inner_learning_rates
 
@@ -364,6 +364,21 @@ def test_gru_layer_is_torch_gru(skipped):
     h0 = ours.h0[:, None].expand(2, 3, 4).contiguous()
     expected = reference(padded, h0)[0][:, skipped:]
     torch.testing.assert_close(ours(x, skipped), expected)
+
+
+@pytest.mark.parametrize("length", [8, 5])
+def test_narm_attention_in_row_blocks_is_the_dense_one(length):
+    """NARM scores only the causal pairs, in row blocks; the features are those of scoring every
+    pair [L, L, D] and masking the later and padding keys."""
+    narm = learner_for(small_config("narm", "melo")).backbone.eval()
+    items = torch.randint(1, ITEMS + 1, (2, 3, length))
+    items[0, :, :2] = 0  # left padding
+    states = narm.gru(narm.embed(items))
+    mixed = narm.query_proj(states).unsqueeze(-2) + narm.key_proj(states).unsqueeze(-3)
+    scores = narm.score(torch.sigmoid(mixed)).squeeze(-1)
+    weights = scores.masked_fill(~attention_mask(items, causal=True), 0.0)
+    expected = torch.cat([weights @ states, states], dim=-1)
+    torch.testing.assert_close(narm.features(items), expected)
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)

@@ -7,6 +7,8 @@ context) and mapped to a rating.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,6 +16,8 @@ from torch import nn
 from melo_dist.config import ModelConfig
 from melo_dist.models.heads import SequenceRegressor, build_head
 from melo_dist.models.layers import GRU, attention_mask
+
+ROW_BLOCKS = 8  # fewer masked pairs, more calls: 8 ran faster than 3 or 5 (bench train)
 
 
 class NARM(SequenceRegressor):
@@ -32,9 +36,18 @@ class NARM(SequenceRegressor):
     def features(self, item_seq: torch.Tensor, skipped: int = 0) -> torch.Tensor:
         """[..., L] item ids (0 = padding) -> [..., L, 2D] local and global context."""
         states = self.gru(self.embed(item_seq), skipped)  # [..., L, D]
-        # scores[..., t, j] = v . sigmoid(A1 h_t + A2 h_j), over real positions j <= t.
-        mixed = self.query_proj(states).unsqueeze(-2) + self.key_proj(states).unsqueeze(-3)
-        scores = self.score(torch.sigmoid(mixed)).squeeze(-1)  # [..., L, L]
+        # scores[..., t, j] = v . sigmoid(A1 h_t + A2 h_j), over real positions j <= t. The
+        # [..., L, L, D] pairs are the costly part: positions run in row blocks, each against
+        # the keys up to its last row only ((B + 1) / 2B of the pairs for B blocks), the rest 0.
+        queries, keys = self.query_proj(states), self.key_proj(states)
+        length = states.shape[-2]
+        bounds = torch.linspace(0, length, ROW_BLOCKS + 1).round().int().tolist()
+        rows = []
+        for start, end in itertools.pairwise(sorted(set(bounds))):  # short windows: fewer
+            mixed = queries[..., start:end, None, :] + keys[..., None, :end, :]
+            block = self.score(torch.sigmoid(mixed)).squeeze(-1)  # [..., rows, end]
+            rows.append(F.pad(block, (0, length - end)))
+        scores = torch.cat(rows, dim=-2)  # [..., L, L]
         mask = attention_mask(item_seq, causal=True)
         weights = scores.masked_fill(~mask, 0.0)  # NARM's attention is not normalised
         local = weights @ states
