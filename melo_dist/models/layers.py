@@ -67,8 +67,9 @@ class GRU(nn.Module):
     @staticmethod
     def run(input_proj: nn.Linear, hidden_proj: nn.Linear, x: torch.Tensor, h: torch.Tensor):
         """One layer over the time axis of x [..., L, D] from state h [..., H]. The reset and
-        update gates share one sigmoid and `h + z (h' - h)` is written `n + z (h - n)`: fewer
-        ops per step, and each costs again in the inner loop's double backward."""
+        update gates share one sigmoid and the update `(1 - z) n + z h` is written
+        `n + z (h - n)`: fewer ops per step, each of which the inner loop's double backward
+        pays again."""
         size = h.shape[-1]
         gates_x = input_proj(x).split([2 * size, size], -1)  # all input projections at once
         outputs = []
