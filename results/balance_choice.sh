@@ -16,6 +16,9 @@ set -euo pipefail
 data=${1:?usage: balance_choice.sh DATA [OUT] [BASIC]}
 out=${2:-runs/balance-choice}
 basic=${3:-"$out/basic-{backbone}/best.pt"}
+if [[ $basic != *"{backbone}"* && ${BACKBONES:-sasrec} == *" "* ]]; then
+  echo "balance_choice.sh: several backbones need a BASIC with {backbone} in it" >&2; exit 2
+fi
 bin=${MELO_DIST:-.venv/bin/melo-dist}
 python=${PYTHON:-.venv/bin/python}
 powers=${POWERS:-0 0.25 0.5} backbones=${BACKBONES:-sasrec} seeds=${SEEDS:-0}
@@ -28,16 +31,21 @@ train_one() {  # BACKBONE REGIME POWER SEED
     loss=(--set meta.outer_loss=class_balanced --set "meta.outer_balance=$power")
   fi
   if [[ " ${GPU:-} " == *" $backbone "* ]]; then device=(--use-gpu); fi
-  $bin train "${common[@]}" "${device[@]}" --set "model.backbone=$backbone" \
+  $bin train "${common[@]}" ${device[@]+"${device[@]}"} --set "model.backbone=$backbone" \
     --set "run.seed=$seed" --set optim.iterations=1000 --set meta.multi_step_iterations=500 \
-    --set "run.init_from=${basic//\{backbone\}/$backbone}" --set "meta.regime=$regime" \
+    --set "run.init_from=$(basic_of "$backbone")" --set "meta.regime=$regime" \
     "${loss[@]}" --set "run.out=$out/$regime-$backbone-p$power-s$seed" \
     > "$out/$regime-$backbone-p$power-s$seed.log" 2>&1
 }
 
+basic_of() {  # BACKBONE: the basic checkpoint its runs start from (trained here if missing)
+  local given=${basic//\{backbone\}/$1}
+  if [ -f "$given" ]; then echo "$given"; else echo "$out/basic-$1/best.pt"; fi
+}
+
 mkdir -p "$out"
 for backbone in $backbones; do
-  if [ ! -f "${basic//\{backbone\}/$backbone}" ]; then
+  if [ ! -f "$(basic_of "$backbone")" ]; then
     $bin train "${common[@]}" --set "model.backbone=$backbone" --set run.seed=0 \
       --set meta.regime=basic --set optim.iterations=1500 --set "run.out=$out/basic-$backbone"
   fi
@@ -50,7 +58,9 @@ for backbone in $backbones; do for power in $powers; do for regime in maml melo;
     pids+=($!)
   done
 done; done; done
-for pid in "${pids[@]}"; do wait "$pid"; done  # set -e: a failed run stops the script here
+failed=0
+for pid in "${pids[@]}"; do wait "$pid" || failed=1; done  # every run ends before the verdict
+if [ "$failed" = 1 ]; then echo "balance_choice.sh: a run failed; see $out/*.log" >&2; exit 1; fi
 [ "${SCORE:-1}" = 0 ] && exit 0
 for backbone in $backbones; do for power in $powers; do
   runs() { for seed in $seeds; do echo "$out/$1-$backbone-p$power-s$seed"; done; }

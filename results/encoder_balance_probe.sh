@@ -17,5 +17,5 @@ for power in 0.5 1; do
     --set "meta.outer_balance=$power" --set "run.out=$out/melo-encoder-p$power" &
 done
 wait
-$bin evaluate --split valid --checkpoint "$mse/maml-p0" --checkpoint "$mse/melo-p0" \
+$bin evaluate --split valid --checkpoint "$mse/maml-sasrec-p0-s0" --checkpoint "$mse/melo-sasrec-p0-s0" \
   --checkpoint "$out/melo-encoder-p0.5" --checkpoint "$out/melo-encoder-p1"

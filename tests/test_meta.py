@@ -366,7 +366,7 @@ def test_gru_layer_is_torch_gru(skipped):
     torch.testing.assert_close(ours(x, skipped), expected)
 
 
-@pytest.mark.parametrize("length", [8, 5])
+@pytest.mark.parametrize("length", [21, 8, 5])
 def test_narm_attention_in_row_blocks_is_the_dense_one(length):
     """NARM scores only the causal pairs, in row blocks; the features are those of scoring every
     pair [L, L, D] and masking the later and padding keys."""
