@@ -24,7 +24,6 @@ plain per-task loop, and the tests hold the two equal.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable
 
@@ -37,7 +36,7 @@ from melo_dist.data.tasks import TaskBatch
 from melo_dist.meta.weighting import InnerWeighting, rating_levels_index
 from melo_dist.models import EMBEDDING_PREFIXES, ITEM_TABLES, USER_PARAMETERS
 from melo_dist.models.heads import user_regressors
-from melo_dist.models.packing import Packing, pack_layout
+from melo_dist.models.packing import Packing, even_runs, pack_layout
 
 Params = dict[str, torch.Tensor]
 WINDOW_DIMS = (-2, -1)  # a task's support/query windows [..., S, L]
@@ -120,12 +119,10 @@ def window_groups(items: torch.Tensor, groups: int) -> list[tuple[slice, int]]:
     are alike."""
     longest = (items > 0).sum(-1).amax(0).tolist()  # [W] over tasks
     groups = max(1, min(groups, len(longest) // MIN_GROUP))
-    bounds = torch.linspace(0, len(longest), groups + 1).round().int().tolist()
     length = items.shape[-1]
     return [
         (slice(start, end), length - max(1, *longest[start:end]))
-        for start, end in itertools.pairwise(bounds)
-        if end > start
+        for start, end in even_runs(len(longest), groups)
     ]
 
 

@@ -7,8 +7,6 @@ context) and mapped to a rating.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +14,7 @@ from torch import nn
 from melo_dist.config import ModelConfig
 from melo_dist.models.heads import SequenceRegressor, build_head
 from melo_dist.models.layers import GRU, attention_mask
+from melo_dist.models.packing import even_runs
 
 ROW_BLOCKS = 8  # fewer masked pairs, more calls: 8 ran faster than 3 or 5 (bench train)
 
@@ -41,9 +40,8 @@ class NARM(SequenceRegressor):
         # the keys up to its last row only ((B + 1) / 2B of the pairs for B blocks), the rest 0.
         queries, keys = self.query_proj(states), self.key_proj(states)
         length = states.shape[-2]
-        bounds = torch.linspace(0, length, ROW_BLOCKS + 1).round().int().tolist()
         rows = []
-        for start, end in itertools.pairwise(sorted(set(bounds))):  # short windows: fewer
+        for start, end in even_runs(length, ROW_BLOCKS):
             mixed = queries[..., start:end, None, :] + keys[..., None, :end, :]
             block = self.score(torch.sigmoid(mixed)).squeeze(-1)  # [..., rows, end]
             rows.append(F.pad(block, (0, length - end)))

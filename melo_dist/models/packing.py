@@ -13,11 +13,18 @@ the two equal); padding positions output 0.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 
 Groups = list[tuple[slice, int]]  # (windows, left-padding columns they all skip)
+
+
+def even_runs(size: int, parts: int) -> list[tuple[int, int]]:
+    """[0, size) cut into at most `parts` runs (start, end) of near-equal length, none empty."""
+    bounds = torch.linspace(0, size, parts + 1).round().int().tolist()
+    return [(start, end) for start, end in itertools.pairwise(bounds) if end > start]
 
 
 def pack_layout(items: torch.Tensor, groups: Groups) -> dict[str, torch.Tensor]:
