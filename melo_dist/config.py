@@ -93,6 +93,7 @@ class ModelConfig:
     encoder_embed: int = 16  # task-state encoder: rating embedding size
     encoder_hidden: int = 32  # task-state encoder: LSTM size (also the stats net's MLP)
     encoder_output: str = "abs"  # abs | softmax
+    encoder_error: bool = False  # the encoder also reads the initialisation's error per rating
 
 
 @dataclass

@@ -271,6 +271,39 @@ def test_batched_meta_step_matches_per_task_loop_softmax_encoder(backbone, itera
     assert_same(grads, oracle_grads)
 
 
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_batched_meta_step_matches_per_task_loop_encoder_reading_errors(backbone, first_order):
+    config = small_config(backbone, "melo", inner_steps=2, first_order=first_order, recency=True)
+    config.model.encoder_error = True
+    learner = learner_for(config)
+    batch = small_batch()
+    loss, grads = meta_step(learner, batch, 3)
+    oracle_loss, oracle_grads = reference_meta_step(learner, batch, 3)
+    assert torch.allclose(loss, oracle_loss, rtol=1e-10)
+    assert_same(grads, oracle_grads)
+
+
+def test_encoder_reading_errors_weighs_by_them():
+    """Its weights move with the error it is given (on top of the rating levels), it refuses to
+    run without one, and the meta-gradient reaches its error input's weights."""
+    config = small_config("gru4rec", "melo")
+    config.model.encoder_error = True
+    learner = learner_for(config)
+    batch = small_batch()
+    ratings, mask = batch.support_ratings, batch.support_mask
+    error = torch.randn(
+        ratings.shape, dtype=ratings.dtype, generator=torch.Generator().manual_seed(1)
+    )
+    encoder = learner.weight_net
+    assert not torch.allclose(encoder(ratings, mask, error), encoder(ratings, mask, 0 * error))
+    with pytest.raises(ValueError, match="error"):
+        encoder(ratings, mask)
+    _, grads = meta_step(learner, batch, 0)
+    error_column = grads["weight_net.lstm.input_proj.weight"][:, -1]  # the error's input weights
+    assert float(error_column.abs().sum()) > 0
+
+
 def test_adaptive_weights_reach_the_encoder_and_change_the_update():
     batch = small_batch(tasks=4)
     _, melo = meta_step(learner_for(small_config("sasrec", "melo")), batch, 0)

@@ -30,7 +30,12 @@ def build_learner(config: Config, num_items: int, levels: list[float]) -> nn.Mod
         return BasicLearner(backbone, scale)
     model = config.model
     weighting = build_weighting(
-        config.meta.regime, levels, model.encoder_embed, model.encoder_hidden, model.encoder_output
+        config.meta.regime,
+        levels,
+        model.encoder_embed,
+        model.encoder_hidden,
+        model.encoder_output,
+        model.encoder_error,
     )
     return MetaLearner(backbone, weighting, config.meta, scale, levels)
 

@@ -328,12 +328,13 @@ class MetaLearner(nn.Module):
         items, ratings, mask = batch.support_items, batch.support_ratings, batch.support_mask
         fast = self.task_params(rows)
         predict = self.predictor(fast, items)
-        task_weights = self.weight_net(ratings, mask)  # once per task, not once per step
         recency = self.recency_weights(batch.support_age, mask)
         target = ratings / self.scale
         trajectory = []
         for step in range(self.steps):
             pred = predict(fast)
+            if step == 0:  # once per task, not once per step (the error as data)
+                task_weights = self.weight_net(ratings, mask, (pred - target).detach())
             weights = times(self.weight_net.at_step(task_weights, pred - target), recency)
             loss = weighted_loss(pred, target, mask, weights).sum()
             adapted = [fast[name] for name in self.adapted]

@@ -42,12 +42,13 @@ def reference_meta_loss(
             batch.support_mask[b],
         )
         target = ratings / scale
-        task_weights = learner.weight_net(ratings, mask)
         recency = learner.recency_weights(batch.support_age[b], mask)
         fast = {name: params[name] for name in learner.adapted}
         task_loss = 0.0
         for step in range(learner.steps):
             pred = functional_call(learner.backbone, {**params, **fast}, (items,))
+            if step == 0:
+                task_weights = learner.weight_net(ratings, mask, (pred - target).detach())
             weights = times(learner.weight_net.at_step(task_weights, pred - target), recency)
             loss = task_mse(pred, target, mask, weights)
             grads = torch.autograd.grad(

@@ -1,8 +1,10 @@
 """How the inner loss weights each support position: the `w` of MELO's weighted loss.
 
 Every regime is one `InnerWeighting`, chosen once when the learner is built:
-- `forward(ratings, mask)` runs once per task before the inner loop and returns the task's
-  weights [..., S, L] (None: every position counts the same);
+- `forward(ratings, mask, error)` runs once per task, at the inner loop's first step, and returns
+  the task's weights [..., S, L] (None: every position counts the same); `error` is the
+  initialisation's error on each support position (prediction - rating, over the top level),
+  which only MELO's encoder with `model.encoder_error` reads;
 - `at_step(weights, error)` gives the weights of one inner step from the task's weights and the
   current error (the default keeps the task's weights).
 
@@ -21,7 +23,9 @@ from melo_dist.models.layers import LSTM
 class InnerWeighting(nn.Module):
     """Uniform weights: the plain MSE inner loss of MAML."""
 
-    def forward(self, ratings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    def forward(
+        self, ratings: torch.Tensor, mask: torch.Tensor, error: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         return None
 
     def at_step(self, weights: torch.Tensor | None, error: torch.Tensor) -> torch.Tensor | None:
@@ -43,7 +47,9 @@ class ClassBalanced(InnerWeighting):
         super().__init__()
         self.register_buffer("levels", torch.tensor(levels, dtype=torch.float32))
 
-    def forward(self, ratings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, ratings: torch.Tensor, mask: torch.Tensor, error: torch.Tensor | None = None
+    ) -> torch.Tensor:
         levels = self.levels.to(ratings.dtype)
         one_hot = ((ratings.unsqueeze(-1) == levels) & mask.unsqueeze(-1)).to(ratings.dtype)
         counts = one_hot.sum((-3, -2))  # [..., K] over the task's support
@@ -60,23 +66,40 @@ def rating_levels_index(ratings: torch.Tensor, levels: torch.Tensor) -> torch.Te
 
 
 class TaskStateEncoder(InnerWeighting):
-    """MELO: rating embedding -> LSTM (learnable h0/c0) -> linear -> abs (or softmax)."""
+    """MELO: rating embedding -> LSTM (learnable h0/c0) -> linear -> abs (or softmax).
+
+    `reads_error` (model.encoder_error, beyond the paper): each step of the LSTM also reads the
+    initialisation's error at that position in rating units, so a rating can weigh by how far
+    it is from what the meta-model expects of the item, not only by its level."""
 
     def __init__(
-        self, levels: list[float], embed: int = 16, hidden: int = 32, output: str = "abs"
+        self,
+        levels: list[float],
+        embed: int = 16,
+        hidden: int = 32,
+        output: str = "abs",
+        reads_error: bool = False,
     ) -> None:
         super().__init__()
         if output not in ("abs", "softmax"):
             raise ValueError(f"encoder output must be 'abs' or 'softmax', got {output!r}")
-        self.output = output
+        self.output, self.reads_error = output, reads_error
         self.register_buffer("levels", torch.tensor(levels, dtype=torch.float32))
         self.embedding = nn.Embedding(len(levels) + 1, embed, padding_idx=0)
-        self.lstm = LSTM(embed, hidden)
+        self.lstm = LSTM(embed + int(reads_error), hidden)
         self.out = nn.Linear(hidden, 1)
 
-    def forward(self, ratings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, ratings: torch.Tensor, mask: torch.Tensor, error: torch.Tensor | None = None
+    ) -> torch.Tensor:
         index = rating_levels_index(ratings, self.levels.to(ratings.dtype))
-        raw = self.out(self.lstm(self.embedding(index))).squeeze(-1)
+        inputs = self.embedding(index)
+        if self.reads_error:
+            if error is None:
+                raise ValueError("this encoder reads the initialisation's error: pass `error`")
+            error = error * self.levels.max().to(error.dtype) * mask  # rating units; padding 0
+            inputs = torch.cat([inputs, error.unsqueeze(-1).to(inputs.dtype)], -1)
+        raw = self.out(self.lstm(inputs)).squeeze(-1)
         if self.output == "abs":
             return raw.abs()
         # softmax over each window's real positions, rescaled so a window's weights sum to its
@@ -98,7 +121,9 @@ class StatsWeightNet(InnerWeighting):
         k = len(levels)
         self.mlp = nn.Sequential(nn.Linear(2 * k + 2, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
-    def forward(self, ratings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, ratings: torch.Tensor, mask: torch.Tensor, error: torch.Tensor | None = None
+    ) -> torch.Tensor:
         k = len(self.levels)
         one_hot = nn.functional.one_hot(rating_levels_index(ratings, self.levels), k + 1)[..., 1:]
         one_hot = one_hot.to(ratings.dtype)
@@ -114,11 +139,16 @@ class StatsWeightNet(InnerWeighting):
 
 
 def build_weighting(
-    regime: str, levels: list[float], embed: int, hidden: int, output: str
+    regime: str,
+    levels: list[float],
+    embed: int,
+    hidden: int,
+    output: str,
+    reads_error: bool = False,
 ) -> InnerWeighting:
     """The inner-loss weighting of a meta-learning regime (config meta.regime)."""
     if regime == "melo":
-        return TaskStateEncoder(levels, embed, hidden, output)
+        return TaskStateEncoder(levels, embed, hidden, output, reads_error)
     if regime == "stats_mlp":
         return StatsWeightNet(levels, hidden)
     if regime == "focal":

@@ -29,8 +29,12 @@ def relative_weights(learner, batch: TaskBatch) -> torch.Tensor | None:
     """The inner-loss weight of every support position [B, S, L] relative to its task's mean
     weight (1 = average), or None where the weighting has no per-task weights (MAML: all
     equal; focal: they follow each step's error)."""
-    with torch.no_grad():
-        weights = learner.weight_net(batch.support_ratings, batch.support_mask)
+    learner.eval()
+    local, rows = batch.with_local_items()
+    with torch.no_grad():  # the weights the inner loop starts from (its first step's error)
+        start = learner.forward_tasks(learner.task_params(rows), local.support_items)
+        error = start - local.support_ratings / learner.scale
+        weights = learner.weight_net(local.support_ratings, local.support_mask, error)
     if weights is None:
         return None
     mask = batch.support_mask
