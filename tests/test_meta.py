@@ -324,7 +324,7 @@ def test_first_order_gives_the_encoder_no_gradient():
 
 
 class ConstantWeights(InnerWeighting):
-    def forward(self, ratings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, ratings: torch.Tensor, mask: torch.Tensor, error=None) -> torch.Tensor:
         return torch.ones_like(ratings)
 
 
