@@ -42,14 +42,51 @@ class GRU(nn.Module):
         """[..., L, D] -> [..., L, H]. `skipped`: left-padding positions dropped before `x`
         (padding reads as zeros); each layer starts from the state reading them would have left,
         computed once for one row instead of for every window."""
-        padding = x.new_zeros(skipped, x.shape[-1])
+        starts, padding = [], x.new_zeros(skipped, x.shape[-1])
         for layer, (input_proj, hidden_proj) in enumerate(zip(self.input_proj, self.hidden_proj)):
             h0 = self.h0[layer]
             if skipped:
                 padding = self.run(input_proj, hidden_proj, padding, h0)
                 h0 = padding[-1]
-            x = self.run(input_proj, hidden_proj, x, h0.expand(*x.shape[:-2], -1))
-        return x
+            starts.append(h0)
+        if len(starts) == 1:
+            return self.run(
+                self.input_proj[0], self.hidden_proj[0], x, starts[0].expand(*x.shape[:-2], -1)
+            )
+        return self.wavefront(x, torch.stack(starts))
+
+    def wavefront(self, x: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """The stacked layers in one loop of L + N - 1 steps: at step k layer l reads position
+        k - l, so one matmul (a block matrix over the N states) gives every layer's hidden
+        projection and the input projection of each layer above the first, and the gates of
+        all layers are one set of ops. (Measured slower than layer after layer: not used.)"""
+        layers, size, length = len(self.hidden_proj), starts.shape[-1], x.shape[-2]
+        weight = torch.cat(
+            [
+                torch.block_diag(*(proj.weight for proj in self.hidden_proj)),
+                F.pad(torch.block_diag(*(proj.weight for proj in self.input_proj[1:])), (0, size)),
+            ]
+        )
+        bias = torch.cat([proj.bias for proj in (*self.hidden_proj, *self.input_proj[1:])])
+        first = self.input_proj[0](x).unbind(-2)  # layer 0's input projections, all at once
+        h = starts.expand(*x.shape[:-2], layers, size)
+        outputs = []
+        for step in range(length + layers - 1):
+            projected = F.linear(h.flatten(-2), weight, bias)
+            hidden = projected[..., : 3 * size * layers].unflatten(-1, (layers, 3 * size))
+            above = projected[..., 3 * size * layers :].unflatten(-1, (layers - 1, 3 * size))
+            inputs = torch.cat([first[min(step, length - 1)].unsqueeze(-2), above], -2)
+            r, z = torch.sigmoid(inputs[..., : 2 * size] + hidden[..., : 2 * size]).chunk(2, -1)
+            n = torch.tanh(inputs[..., 2 * size :] + r * hidden[..., 2 * size :])
+            new = n + z * (h - n)
+            active = [0 <= step - layer < length for layer in range(layers)]
+            if not all(active):  # the first and last steps: a layer not started or done waits
+                keep = torch.tensor(active, device=h.device).unsqueeze(-1)
+                new = torch.where(keep, new, h)
+            h = new
+            if step >= layers - 1:
+                outputs.append(h[..., -1, :])
+        return torch.stack(outputs, dim=-2)
 
     def branch(
         self, x: torch.Tensor, next_inputs: torch.Tensor
