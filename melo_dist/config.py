@@ -279,7 +279,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     """Defaults, then the YAML file, then `section.key=value` overrides (YAML-parsed values)."""
     raw = read_config_file(path) if path is not None else {}
     source = str(path) if path else "config"
-    return Config.from_dict(with_values(raw, parse_overrides(overrides), "override"), source)
+    values = checked_overrides(parse_overrides(overrides))
+    return Config.from_dict(with_values(raw, values, "override"), source)
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -291,6 +292,22 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise InputError(f"override {item!r} must look like section.key=value")
         values[key] = yaml.safe_load(text) if text else ""
     return values
+
+
+def checked_overrides(values: dict[str, Any]) -> dict[str, Any]:
+    """Each override checked against the schema first, so that an unknown key or a value of the
+    wrong type names the `--set`, not the config file the value would land in."""
+    sections = get_type_hints(Config)
+    checked = {}
+    for key, value in values.items():
+        section, name = key.split(".")
+        if section not in sections:
+            raise InputError(f"--set {key}: unknown section {section!r}; known: {sorted(sections)}")
+        hints = get_type_hints(sections[section])
+        if name not in hints:
+            raise InputError(f"--set {key}: unknown key; known in {section}: {sorted(hints)}")
+        checked[key] = coerce(value, hints[name], f"--set {key}")
+    return checked
 
 
 def read_config_file(path: str | Path) -> dict:
