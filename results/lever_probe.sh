@@ -12,8 +12,10 @@
 # runs; JOBS=N trains N at once (default 2, one thread each); SCORE=0 trains only. Run it again
 # and each run resumes from its last checkpoint (a finished one at once).
 set -euo pipefail
-study=${1:?usage: lever_probe.sh STUDY NAME SETTING...} name=${2:?usage: lever_probe.sh STUDY NAME SETTING...}
+if [ $# -lt 2 ]; then echo "usage: lever_probe.sh STUDY NAME [SETTING...]" >&2; exit 2; fi
+study=$1 name=$2
 shift 2
+if [ ! -d "$study/data" ]; then echo "lever_probe.sh: $study has no data/ (a study's run folder?)" >&2; exit 2; fi
 bin=${MELO_DIST:-.venv/bin/melo-dist}
 python=${PYTHON:-.venv/bin/python}
 out=${OUT:-runs/levers} backbones=${BACKBONES:-sasrec gru4rec} seeds=${SEEDS:-0 1 2}
