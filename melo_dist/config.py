@@ -226,6 +226,12 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> Config:
+        return cls(**cls.sections(raw, source)).validate()
+
+    @classmethod
+    def sections(cls, raw: dict, source: str) -> dict[str, Any]:
+        """Each section of a raw mapping built and type-checked, an unknown section or key named
+        after `source` (the checks across keys are `validate`'s)."""
         if not isinstance(raw, dict):
             raise InputError(f"{source} must be a mapping of sections")
         sections = {}
@@ -239,7 +245,7 @@ class Config:
             raise InputError(
                 f"{source}: unknown section(s) {sorted(unknown)}; expected {sorted(sections)}"
             )
-        return cls(**sections).validate()
+        return sections
 
 
 def build_section(section_type: type, values: dict, where: str) -> Any:
@@ -279,7 +285,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     """Defaults, then the YAML file, then `section.key=value` overrides (YAML-parsed values)."""
     raw = read_config_file(path) if path is not None else {}
     source = str(path) if path else "config"
-    values = checked_overrides(parse_overrides(overrides))
+    values = parse_overrides(overrides)
+    # the overrides alone first: a bad one names the --set, not the file it would land in
+    Config.sections(with_values({}, values, "override"), "--set")
     return Config.from_dict(with_values(raw, values, "override"), source)
 
 
@@ -292,22 +300,6 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise InputError(f"override {item!r} must look like section.key=value")
         values[key] = yaml.safe_load(text) if text else ""
     return values
-
-
-def checked_overrides(values: dict[str, Any]) -> dict[str, Any]:
-    """Each override checked against the schema first, so that an unknown key or a value of the
-    wrong type names the `--set`, not the config file the value would land in."""
-    sections = get_type_hints(Config)
-    checked = {}
-    for key, value in values.items():
-        section, name = key.split(".")
-        if section not in sections:
-            raise InputError(f"--set {key}: unknown section {section!r}; known: {sorted(sections)}")
-        hints = get_type_hints(sections[section])
-        if name not in hints:
-            raise InputError(f"--set {key}: unknown key; known in {section}: {sorted(hints)}")
-        checked[key] = coerce(value, hints[name], f"--set {key}")
-    return checked
 
 
 def read_config_file(path: str | Path) -> dict:

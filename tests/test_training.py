@@ -369,17 +369,17 @@ def test_score_aggregates_per_user_then_over_users():
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(InputError, match=r"model.backbone"):
         load_config(None, ["model.backbone=lstm"])
-    with pytest.raises(InputError, match=r"--set meta.inner_steps expects int"):
+    with pytest.raises(InputError, match=r"--set: meta.inner_steps expects int"):
         load_config(None, ["meta.inner_steps=three"])
-    with pytest.raises(InputError, match=r"--set meta.inner_step: unknown key"):
+    with pytest.raises(InputError, match=r"--set: meta: unknown key\(s\) \['inner_step'\]"):
         load_config(None, ["meta.inner_step=3"])
-    with pytest.raises(InputError, match=r"--set metaa.regime: unknown section 'metaa'"):
+    with pytest.raises(InputError, match=r"--set: unknown section\(s\) \['metaa'\]"):
         load_config(None, ["metaa.regime=melo"])
     with pytest.raises(InputError, match=r"section.key=value"):
         load_config(None, ["iterations=3"])
     file = tmp_path / "file.yaml"  # a bad override names the --set, not the file it lands in
     file.write_text("meta:\n  recency: true\n")
-    with pytest.raises(InputError, match=r"--set meta.recency expects bool, got 2") as error:
+    with pytest.raises(InputError, match=r"--set: meta.recency expects bool, got 2") as error:
         load_config(file, ["meta.recency=2"])
     assert "file.yaml" not in str(error.value)
     file.write_text("meta:\n  recency: 2\n")
