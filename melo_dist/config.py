@@ -20,6 +20,7 @@ from melo_dist.storage import normalised
 BACKBONES = ("gru4rec", "narm", "sasrec", "bert4rec")
 REGIMES = ("basic", "maml", "melo", "focal", "class_balanced", "stats_mlp")
 ADAPT = ("all", "no_embeddings", "head")
+SUPPORT_WINDOWS = ("sampled", "history")
 HEADS = ("reference", "bias")
 QUERY_LOSSES = ("last", "all")
 USER_STEPS = ("gradient", "newton")
@@ -69,7 +70,11 @@ LOWER_BOUNDS = [
 class DataConfig:
     path: str = "data/synthetic"  # a folder written by `melo-dist prepare`
     window: int = 30  # longest window L
-    support: int = 25  # most support sub-windows per task
+    support: int = 25  # most support sub-windows per task (support_windows: sampled)
+    # sampled: the reference's random sub-windows of the history before the target (a rating
+    # then counts once per window holding it); history: one window, the whole history, each
+    # rating once
+    support_windows: str = "sampled"
     query: int = 3  # most query suffixes per task
     valid_users: int = 500  # fixed validation users (first N of tasks-valid), 0 = all
     valid_targets: int = 1  # targets per validation user: its last, then earlier interactions
@@ -170,6 +175,11 @@ class Config:
             ("model.backbone", self.model.backbone in BACKBONES, f"one of {BACKBONES}"),
             ("meta.regime", self.meta.regime in REGIMES, f"one of {REGIMES}"),
             ("meta.adapt", self.meta.adapt in ADAPT, f"one of {ADAPT}"),
+            (
+                "data.support_windows",
+                self.data.support_windows in SUPPORT_WINDOWS,
+                f"one of {SUPPORT_WINDOWS}",
+            ),
             ("model.head", self.model.head in HEADS, f"one of {HEADS}"),
             ("meta.query_loss", self.meta.query_loss in QUERY_LOSSES, f"one of {QUERY_LOSSES}"),
             ("meta.user_step", self.meta.user_step in USER_STEPS, f"one of {USER_STEPS}"),

@@ -21,7 +21,7 @@ from melo_dist.config import Config
 from melo_dist.meta import learner_from_state
 from melo_dist.report.learned import rmse_by_steps, weights_by_rating
 from melo_dist.training.checkpoint import load_checkpoint
-from melo_dist.training.evaluation import split_targets
+from melo_dist.training.evaluation import model_batches, split_targets
 
 
 def main() -> None:
@@ -36,7 +36,8 @@ def main() -> None:
     state = load_checkpoint(args.checkpoint)
     config = Config.from_dict(state["config"])
     learner = learner_from_state(state)
-    _, batches, targets = split_targets(config, args.split, args.targets)
+    data, batches, targets = split_targets(config, args.split, args.targets)
+    batches = model_batches(config, data, args.split, batches, args.targets)
     rmse = rmse_by_steps(learner, batches, targets)
     scored = f"{args.split} users" + (f", {args.targets} targets each" if args.targets > 1 else "")
     print(f"{args.checkpoint} (iteration {state['iteration']}), {scored}:")

@@ -27,6 +27,7 @@ from melo_dist.meta import learner_from_state
 from melo_dist.training.checkpoint import load_checkpoint
 from melo_dist.training.evaluation import (
     learner_predictions,
+    model_batches,
     reference_predictions,
     score,
     split_targets,
@@ -42,12 +43,14 @@ def predictions(
     first = load_checkpoint(next(iter(runs.values()))[0])
     config = Config.from_dict(first["config"])
     data, batches, targets = split_targets(config, split, targets_per_user)
-    seeds = {
-        prefix: [
-            learner_predictions(learner_from_state(load_checkpoint(p)), batches) for p in paths
-        ]
-        for prefix, paths in runs.items()
-    }
+
+    def predict(path: Path) -> np.ndarray:
+        state = load_checkpoint(path)
+        config = Config.from_dict(state["config"])
+        own = model_batches(config, data, split, batches, targets_per_user)
+        return learner_predictions(learner_from_state(state), own)
+
+    seeds = {prefix: [predict(p) for p in paths] for prefix, paths in runs.items()}
     references = reference_predictions(data.train, targets, data.num_items)
     if reference not in references:
         raise SystemExit(f"--reference {reference!r} is not one of {sorted(references)}")

@@ -33,6 +33,7 @@ from melo_dist.meta import learner_from_state
 from melo_dist.training.checkpoint import load_checkpoint
 from melo_dist.training.evaluation import (
     learner_predictions,
+    model_batches,
     reference_predictions,
     rmse_difference,
     split_targets,
@@ -40,8 +41,9 @@ from melo_dist.training.evaluation import (
 )
 
 
-def user_mse(side: list[str], data, batches, targets) -> np.ndarray:
-    """Per-user MSE [U] of a reference point, or of checkpoints averaged over them."""
+def user_mse(side: list[str], data, batches, targets, split: str, per_user: int) -> np.ndarray:
+    """Per-user MSE [U] of a reference point, or of checkpoints averaged over them (each on
+    the support windows its config samples: data.support_windows)."""
     if len(side) == 1 and not Path(side[0]).exists():
         references = reference_predictions(data.train, targets, data.num_items)
         if side[0] not in references:
@@ -49,8 +51,11 @@ def user_mse(side: list[str], data, batches, targets) -> np.ndarray:
         return user_errors(references[side[0]], targets)[0]
     errors = []
     for path in side:
-        learner = learner_from_state(load_checkpoint(path))
-        errors.append(user_errors(learner_predictions(learner, batches), targets)[0])
+        checkpoint = load_checkpoint(path)
+        config = Config.from_dict(checkpoint["config"])
+        own = model_batches(config, data, split, batches, per_user)
+        learner = learner_from_state(checkpoint)
+        errors.append(user_errors(learner_predictions(learner, own), targets)[0])
     return np.mean(errors, axis=0)
 
 
@@ -71,7 +76,10 @@ def main() -> None:
     else:
         raise SystemExit("name the dataset: checkpoints on one side, or --data")
     data, batches, targets = split_targets(config, args.split, args.targets)
-    a, b = (user_mse(side, data, batches, targets) for side in (args.a, args.b))
+    a, b = (
+        user_mse(side, data, batches, targets, args.split, args.targets)
+        for side in (args.a, args.b)
+    )
     users = data.split(args.split)
     owner = users.earlier_target_users(args.targets)  # the user each target is of
     per_user = [np.bincount(owner, mse) / np.bincount(owner) for mse in (a, b)]

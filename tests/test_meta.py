@@ -49,9 +49,10 @@ def small_batch(
     dtype=torch.float64,
     lengths: tuple[int, int] = (4, 14),
     support: int = 4,
+    support_windows: str = "sampled",
 ) -> TaskBatch:
     rows = random_task_rows(tasks, ITEMS, lengths, seed)
-    spec = WindowSpec(length=8, support=support, query=2)
+    spec = WindowSpec(length=8, support=support, query=2, support_windows=support_windows)
     batch = sample_tasks(rows, spec, seed=seed, train=True)
     return replace(
         batch,
@@ -132,6 +133,27 @@ def test_batched_meta_step_matches_per_task_loop_in_window_groups(backbone, firs
     groups = window_groups(batch.support_items, learner.backbone.window_groups)
     assert len(groups) == min(learner.backbone.window_groups, 2)
     assert all(skipped >= 3 for _, skipped in groups)
+    loss, grads = meta_step(learner, batch, 3)
+    oracle_loss, oracle_grads = reference_meta_step(learner, batch, 3)
+    assert torch.allclose(loss, oracle_loss, rtol=1e-10)
+    assert_same(grads, oracle_grads)
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+@pytest.mark.parametrize("regime", ["melo", "maml"])
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_batched_meta_step_matches_per_task_loop_on_the_history_window(
+    backbone, regime, first_order
+):
+    # data.support_windows=history: one support window a task, the whole history (histories of
+    # 2-14 in windows of 8: a one-rating history too), with the shipped head and recency
+    config = small_config(backbone, regime, "bias", inner_steps=2, first_order=first_order)
+    config.meta.recency = True
+    learner = learner_for(config)
+    learner.inner_lrs["recency_decay"].data.fill_(0.3)
+    batch = small_batch(tasks=6, lengths=(2, 14), support_windows="history")
+    assert batch.support_items.shape[1] == 1
+    assert batch.support_mask.sum((1, 2)).min() == 1
     loss, grads = meta_step(learner, batch, 3)
     oracle_loss, oracle_grads = reference_meta_step(learner, batch, 3)
     assert torch.allclose(loss, oracle_loss, rtol=1e-10)

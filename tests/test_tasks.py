@@ -8,6 +8,7 @@ import torch
 
 from melo_dist.data.synthetic import random_task_rows
 from melo_dist.data.tasks import TaskRows, WindowSpec, sample_tasks
+from melo_dist.errors import InputError
 
 
 def positional_rows(lengths: list[int]) -> TaskRows:
@@ -80,6 +81,29 @@ def test_window_invariants(mode):
         expected = torch.where(batch.support_mask, targets[:, None, None] - batch.support_items, 0)
         assert torch.equal(batch.support_age, expected)
         assert (batch.support_age[batch.support_mask] >= 1).all()
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_history_support_is_one_window_of_every_rating_before_the_target(train):
+    rows = positional_rows(LENGTHS)
+    history = WindowSpec(support_windows="history")
+    for draw in range(5):
+        batch = sample_tasks(rows, history, seed=draw, train=train)
+        sampled = sample_tasks(rows, WindowSpec(), seed=draw, train=train)
+        assert batch.support_items.shape == (len(LENGTHS), 1, 30)
+        for name in ("query_items", "query_ratings", "query_mask"):  # the same targets
+            assert torch.equal(getattr(batch, name), getattr(sampled, name))
+        for length, task, mask, age, query in zip(
+            LENGTHS, batch.support_items, batch.support_mask, batch.support_age, batch.query_items
+        ):
+            n, target = min(length, 30), int(query[0, -1])  # items are flat index + 1
+            assert torch.equal(task[0][mask[0]], torch.arange(target - n + 1, target))
+            assert torch.equal(age[0][mask[0]], torch.arange(n - 1, 0, -1))  # each age once
+
+
+def test_window_spec_refuses_an_unknown_support_mode():
+    with pytest.raises(InputError, match="support_windows"):
+        WindowSpec(support_windows="all")
 
 
 def test_training_windows_are_random_and_reproducible():

@@ -42,6 +42,7 @@ from melo_dist.training.evaluation import (
     eval_batches,
     evaluate_checkpoints,
     evaluate_learner,
+    model_batches,
     reference_points,
     reference_predictions,
     score,
@@ -332,6 +333,19 @@ def test_factor_reference_points_are_per_user_weighted_ridge_fits_and_beat_the_b
     assert scores["factor model"]["rmse"] < scores["bias model"]["rmse"]  # users have tastes
 
 
+def test_a_model_is_scored_on_its_own_support_windows_and_the_same_targets(synthetic_dir):
+    sampled = load_config(None, [f"data.path={synthetic_dir}"])
+    history = load_config(None, [f"data.path={synthetic_dir}", "data.support_windows=history"])
+    data, batches, _ = split_targets(history, "test", targets_per_user=2)
+    assert batches[0].support_items.shape[1] == sampled.data.support  # references: sampled
+    assert model_batches(sampled, data, "test", batches, 2) is batches
+    own = model_batches(history, data, "test", batches, 2)
+    assert all(b.support_items.shape[1] == 1 for b in own)
+    assert torch.equal(
+        torch.cat([b.query_items for b in own]), torch.cat([b.query_items for b in batches])
+    )
+
+
 def test_split_targets_score_each_user_on_its_last_interactions(synthetic_dir):
     config = load_config(None, [f"data.path={synthetic_dir}"])
     data, _, targets = split_targets(config, "test", targets_per_user=3)
@@ -369,6 +383,8 @@ def test_score_aggregates_per_user_then_over_users():
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(InputError, match=r"model.backbone"):
         load_config(None, ["model.backbone=lstm"])
+    with pytest.raises(InputError, match=r"data.support_windows .*sampled"):
+        load_config(None, ["data.support_windows=all"])
     with pytest.raises(InputError, match=r"--set: meta.inner_steps expects int"):
         load_config(None, ["meta.inner_steps=three"])
     with pytest.raises(InputError, match=r"--set: meta: unknown key\(s\) \['inner_step'\]"):

@@ -41,7 +41,7 @@ class Dataset:
 
 def window_spec(config: DataConfig) -> WindowSpec:
     """The task windows data.window / support / query describe."""
-    return WindowSpec(config.window, config.support, config.query)
+    return WindowSpec(config.window, config.support, config.query, config.support_windows)
 
 
 def load_dataset(config: DataConfig) -> Dataset:

@@ -33,10 +33,13 @@ class WindowSpec:
     length: int = 30  # L: longest window; every window is left-padded to it
     support: int = 25  # most support sub-windows per task
     query: int = 3  # most query suffixes per task
+    support_windows: str = "sampled"  # or "history": one support window, the whole history
 
     def __post_init__(self) -> None:
         if self.length < 3 or self.support < 1 or self.query < 1:
             raise InputError(f"window spec needs length >= 3, support >= 1, query >= 1: {self}")
+        if self.support_windows not in ("sampled", "history"):
+            raise InputError(f"support_windows must be 'sampled' or 'history': {self}")
 
 
 @dataclass
@@ -195,18 +198,20 @@ def sample_tasks(
     query_len = chosen + 2
     query_end = np.broadcast_to(n[:, None] - 1, query_len.shape)
 
-    # Support: the `support` smallest keys among pairs inside the first n - 1 positions.
-    support_keys = np.where(pair_end <= n[:, None] - 2, uniforms[:, L:], np.inf)
-    k = min(spec.support, len(pair_start))
-    chosen = np.argpartition(support_keys, k - 1, axis=1)[:, :k]
-    chosen = np.take_along_axis(
-        chosen, np.argsort(np.take_along_axis(support_keys, chosen, axis=1), axis=1), axis=1
-    )
-    support_ok = np.take_along_axis(support_keys, chosen, axis=1) < np.inf
-    support_len = pair_end[chosen] - pair_start[chosen] + 1
-    support_end = pair_end[chosen]
-
-    support_end, support_len, support_ok = by_length(support_end, support_len, support_ok)
+    if spec.support_windows == "history":  # one window: positions 0..n - 2, each once
+        support_end, support_len = (n - 2)[:, None], (n - 1)[:, None]
+        support_ok = np.ones_like(support_end, dtype=bool)
+    else:  # the `support` smallest keys among pairs inside the first n - 1 positions
+        support_keys = np.where(pair_end <= n[:, None] - 2, uniforms[:, L:], np.inf)
+        k = min(spec.support, len(pair_start))
+        chosen = np.argpartition(support_keys, k - 1, axis=1)[:, :k]
+        chosen = np.take_along_axis(
+            chosen, np.argsort(np.take_along_axis(support_keys, chosen, axis=1), axis=1), axis=1
+        )
+        support_ok = np.take_along_axis(support_keys, chosen, axis=1) < np.inf
+        support_len = pair_end[chosen] - pair_start[chosen] + 1
+        support_end = pair_end[chosen]
+        support_end, support_len, support_ok = by_length(support_end, support_len, support_ok)
     s_items, s_ratings, s_mask = gather_windows(
         rows, window_start, support_end, support_len, support_ok, L
     )

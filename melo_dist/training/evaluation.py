@@ -22,14 +22,14 @@ Reference points any model must beat, computed from the same tasks:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from melo_dist.config import Config
-from melo_dist.data.dataset import Dataset, load_dataset
+from melo_dist.data.dataset import Dataset, load_dataset, window_spec
 from melo_dist.data.tasks import TaskBatch, TaskRows, WindowSpec, sample_tasks
 from melo_dist.errors import InputError
 from melo_dist.meta import learner_from_state
@@ -74,8 +74,27 @@ def split_targets(
     every model is scored on."""
     data = load_dataset(config.data)
     rows = data.split(split).with_earlier_targets(targets_per_user)
-    batches = list(eval_batches(rows, data.spec, config.data.eval_seed))
+    batches = list(eval_batches(rows, reference_spec(data.spec), config.data.eval_seed))
     return data, batches, collect_targets(batches)
+
+
+def reference_spec(spec: WindowSpec) -> WindowSpec:
+    """The reference protocol's windows, whatever support a model samples: the reference points
+    fit these supports, so their figures do not move with a model's data.support_windows."""
+    return replace(spec, support_windows="sampled")
+
+
+def model_batches(
+    config: Config, data: Dataset, split: str, batches: list[TaskBatch], targets_per_user: int = 1
+) -> list[TaskBatch]:
+    """A model's evaluation windows: `batches` (split_targets'), or, where its config samples
+    other support windows (data.support_windows), the same users' with those supports; the
+    query windows, and so the targets, are the same either way."""
+    spec = window_spec(config.data)
+    if spec == reference_spec(spec):
+        return batches
+    rows = data.split(split).with_earlier_targets(targets_per_user)
+    return list(eval_batches(rows, spec, config.data.eval_seed))
 
 
 def collect_targets(batches: list[TaskBatch]) -> Targets:
@@ -222,7 +241,7 @@ def evaluate_checkpoints(
         learner = learner_from_state(state)
         name = f"{run_config.meta.regime} {run_config.model.backbone} ({Path(path).name})"
         progress(f"scoring {name}: adapting to {len(targets.rating):,} {split} users")
-        pred = learner_predictions(learner, batches)
+        pred = learner_predictions(learner, model_batches(run_config, data, split, batches))
         results[name] = {**score(pred, targets, per_user), "iteration": state["iteration"]}
     if references:
         progress("fitting the reference points on the same support sets")
