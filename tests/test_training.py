@@ -21,6 +21,7 @@ from melo_dist.errors import InputError
 from melo_dist.meta import learner_from_state
 from melo_dist.training.baselines import (
     FACTOR_SHRINK,
+    ONCE_SCALE,
     RECENCY_DECAY,
     USER_SHRINK,
     bias_statistics,
@@ -329,6 +330,17 @@ def test_factor_reference_points_are_per_user_weighted_ridge_fits_and_beat_the_b
         points["factor + recency"],
         mu + item_bias[targets.item] + np.einsum("uqk,uk->uq", design[targets.item], fitted),
     )
+    for user in (0, 7, 33):  # once: each support position (age) once, shrinks / ONCE_SCALE
+        mine = users == user
+        _, first = np.unique(ages[mine], return_index=True)
+        x, y = design[items[mine][first]], residual[mine][first]
+        w = ONCE_SCALE * weight[mine][first]
+        assert len(first) < mine.sum()  # the windows overlap: some positions repeat
+        solved = np.linalg.solve(x.T @ (w[:, None] * x) + np.diag(reg), x.T @ (w * y))
+        np.testing.assert_allclose(
+            points["factor + recency, once"][user],
+            mu + item_bias[targets.item[user]] + design[targets.item[user]] @ solved,
+        )
     scores = reference_points(data.train, targets, data.num_items)
     assert scores["factor model"]["rmse"] < scores["bias model"]["rmse"]  # users have tastes
 

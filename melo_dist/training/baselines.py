@@ -16,6 +16,10 @@ REFERENCE_FACTORS, FACTOR_SHRINK = 16, 30.0
 # The factor reference point with recency: each support rating weighted by RECENCY_DECAY **
 # (age - 1), chosen on the same validation users (results/recency_baselines.py).
 RECENCY_DECAY = 0.95
+# The factor reference point fitted on each support rating once (not once per window holding
+# it), recency-weighted, its shrinks divided by ONCE_SCALE: decay and scale chosen on the
+# validation users' 10 last ratings (results/recency_baselines.py ... valid,test 10).
+ONCE_SCALE = 12.0
 
 
 def recency_weights(ages: np.ndarray, decay: float) -> np.ndarray:

@@ -16,7 +16,10 @@ Reference points any model must beat, computed from the same tasks:
   factors against item factors of a matrix factorisation of the training ratings (ridge
   fold-in: collaborative filtering's answer to a new user);
 - factor + recency: the factor model with each support rating weighted by its recency,
-  RECENCY_DECAY ** (age - 1), what `meta.recency` gives the meta-learners' inner loss.
+  RECENCY_DECAY ** (age - 1), what `meta.recency` gives the meta-learners' inner loss;
+- factor + recency, once: the same fold-in on each support rating once (the windows hold a
+  rating as many times as they overlap it), with the shrinks divided by ONCE_SCALE: the
+  strongest fold-in found on the validation users.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from melo_dist.data.tasks import TaskBatch, TaskRows, WindowSpec, sample_tasks
 from melo_dist.errors import InputError
 from melo_dist.meta import learner_from_state
 from melo_dist.training.baselines import (
+    ONCE_SCALE,
     RECENCY_DECAY,
     USER_SHRINK,
     bias_statistics,
@@ -203,6 +207,22 @@ def reference_predictions(
         )
         for w in (None, recency_weights(ages, RECENCY_DECAY))
     )
+    starts = np.r_[0, np.cumsum(targets.support_count.astype(np.int64))]
+    once = np.concatenate(  # each user's first support position of each age
+        [
+            start + np.unique(a, return_index=True)[1]
+            for start, a in zip(starts, targets.support_ages)
+        ]
+    )
+    fit = ridge(
+        users[once],
+        count,
+        design[items[once]],
+        residual[once],
+        reg,
+        ONCE_SCALE * recency_weights(ages[once], RECENCY_DECAY),
+    )
+    recent_once = np.einsum("uqk,uk->uq", design[targets.item], fit)
     support_mean = np.where(
         targets.support_count > 0, targets.support_sum / np.maximum(targets.support_count, 1), mu
     )
@@ -213,6 +233,7 @@ def reference_predictions(
         "bias model": mu + item_bias[targets.item] + user_bias[:, None],
         "factor model": mu + item_bias[targets.item] + factor,
         "factor + recency": mu + item_bias[targets.item] + recent,
+        "factor + recency, once": mu + item_bias[targets.item] + recent_once,
     }
 
 
