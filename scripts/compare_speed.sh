@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Seconds per training iteration of an older commit vs this checkout, side by side in one run:
 # the same `train` command and config (configs/ml1m-subset.yaml, MELO, validation excluded:
-# metrics.jsonl's seconds_per_iteration), 2 threads, and peak RSS. Three variants per backbone:
-# `old` (the commit, its defaults: reference head, all parameters adapted), `new` (this
-# checkout in the same setting) and `new-shipped` (this checkout's config as it ships). Each line
+# metrics.jsonl's seconds_per_iteration), 2 threads, and peak RSS. Four variants per backbone:
+# `old` (the commit, its defaults: reference head, all parameters adapted, the reference's
+# sampled support windows), `new` (this checkout in the same setting), `new-history` (the same
+# with one support window a task: data.support_windows=history, another algorithm) and
+# `new-shipped` (this checkout's config as it ships). Each line
 # also gives the validation RMSE after the N iterations: `old` and `new` run the same algorithm
 # from the same seed, so they agree where dropout draws no random numbers (SETTINGS below).
 #   bash scripts/compare_speed.sh be1857a data/ml1m 12 sasrec gru4rec
@@ -15,10 +17,12 @@ HERE=$(pwd) WORK=$(mktemp -d)
 trap 'git worktree remove --force "$WORK/old" >/dev/null 2>&1; rm -rf "$WORK"' EXIT
 git worktree add --detach "$WORK/old" "$OLD" >/dev/null 2>&1
 for backbone in "$@"; do
-  for variant in old new new-shipped; do
+  for variant in old new new-history new-shipped; do
+    reference=(--set model.head=reference --set meta.adapt=all)
     case $variant in
       old) root=$WORK/old extra=();;
-      new) root=$HERE extra=(--set model.head=reference --set meta.adapt=all);;
+      new) root=$HERE extra=("${reference[@]}" --set data.support_windows=sampled);;
+      new-history) root=$HERE extra=("${reference[@]}" --set data.support_windows=history);;
       new-shipped) root=$HERE extra=();;
     esac
     out=$WORK/$variant-$backbone

@@ -278,7 +278,7 @@ def test_every_regime_trains_and_evaluates(synthetic_dir, tmp_path):
         train_local(config, log=lambda message: None)
         paths.append(str(tmp_path / regime))
     results = evaluate_checkpoints(paths, "test")
-    assert len(results) == 6 + 6  # every regime plus the six reference points
+    assert len(results) == 6 + 7  # every regime plus the seven reference points
     users = {m["users"] for m in results.values()}
     assert users == {120}  # the same targets for everyone
     for metrics in results.values():
