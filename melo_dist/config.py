@@ -21,6 +21,7 @@ BACKBONES = ("gru4rec", "narm", "sasrec", "bert4rec")
 REGIMES = ("basic", "maml", "melo", "focal", "class_balanced", "stats_mlp")
 ADAPT = ("all", "no_embeddings", "head")
 SUPPORT_WINDOWS = ("sampled", "history")
+ENCODER_OUTPUTS = ("abs", "softmax", "task_mean")
 HEADS = ("reference", "bias")
 QUERY_LOSSES = ("last", "all")
 USER_STEPS = ("gradient", "newton")
@@ -97,7 +98,7 @@ class ModelConfig:
     max_length: int = 30  # learned positions; must cover data.window
     encoder_embed: int = 16  # task-state encoder: rating embedding size
     encoder_hidden: int = 32  # task-state encoder: LSTM size (also the stats net's MLP)
-    encoder_output: str = "abs"  # abs | softmax
+    encoder_output: str = "abs"  # abs | softmax | task_mean (abs, divided by the task's mean)
     encoder_error: bool = False  # the encoder also reads the initialisation's error per rating
 
 
@@ -186,7 +187,7 @@ class Config:
             ("meta.outer_loss", self.meta.outer_loss in OUTER_LOSSES, f"one of {OUTER_LOSSES}"),
             (
                 "model.encoder_output",
-                self.model.encoder_output in ("abs", "softmax"),
+                self.model.encoder_output in ENCODER_OUTPUTS,
                 "abs or softmax",
             ),
             ("model.dim", self.model.dim % self.model.heads == 0, "divisible by model.heads"),

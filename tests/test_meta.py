@@ -279,12 +279,14 @@ def test_encoder_balanced_outer_loss_splits_the_gradient(regime):
         assert any(not torch.allclose(grads[n], mse[n]) for n in encoder)
 
 
+@pytest.mark.parametrize("output", ["softmax", "task_mean"])
 @pytest.mark.parametrize("iteration", [3, 12], ids=["multi-step", "past-multi-step"])
 @pytest.mark.parametrize("backbone", BACKBONES)
-def test_batched_meta_step_matches_per_task_loop_softmax_encoder(backbone, iteration):
-    """The softmax encoder output, 3 inner steps, inside and past the multi-step phase (10)."""
+def test_batched_meta_step_matches_per_task_loop_encoder_outputs(backbone, iteration, output):
+    """The softmax and task-mean encoder outputs, 3 inner steps, inside and past the multi-step
+    phase (10)."""
     config = small_config(backbone, "melo", inner_steps=3, multi_step_iterations=10)
-    config.model.encoder_output = "softmax"
+    config.model.encoder_output = output
     learner = learner_for(config)
     batch = small_batch()
     loss, grads = meta_step(learner, batch, iteration)
@@ -526,6 +528,18 @@ def test_softmax_encoder_weights_sum_to_window_length():
     weights = learner.weight_net(batch.support_ratings, batch.support_mask)
     assert torch.allclose(weights.sum(-1), batch.support_mask.sum(-1).to(weights.dtype))
     assert (weights[~batch.support_mask] == 0).all()
+
+
+def test_task_mean_encoder_weights_average_one_over_each_task():
+    config = small_config("sasrec", "melo")
+    config.model.encoder_output = "task_mean"
+    learner = learner_for(config)
+    batch = small_batch()
+    mask = batch.support_mask
+    weights = learner.weight_net(batch.support_ratings, mask)
+    mean = weights.sum((-2, -1)) / mask.sum((-2, -1))
+    assert torch.allclose(mean, torch.ones_like(mean))
+    assert (weights[~mask] == 0).all() and weights[mask].std() > 0  # redistributed, not flat
 
 
 def test_class_balanced_weights_are_inverse_support_frequencies():

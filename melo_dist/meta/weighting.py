@@ -66,7 +66,8 @@ def rating_levels_index(ratings: torch.Tensor, levels: torch.Tensor) -> torch.Te
 
 
 class TaskStateEncoder(InnerWeighting):
-    """MELO: rating embedding -> LSTM (learnable h0/c0) -> linear -> abs (or softmax).
+    """MELO: rating embedding -> LSTM (learnable h0/c0) -> linear -> abs (or softmax, or abs
+    divided by the task's mean weight).
 
     `reads_error` (model.encoder_error, beyond the paper): each step of the LSTM also reads the
     initialisation's error at that position in rating units, so a rating can weigh by how far
@@ -81,8 +82,8 @@ class TaskStateEncoder(InnerWeighting):
         reads_error: bool = False,
     ) -> None:
         super().__init__()
-        if output not in ("abs", "softmax"):
-            raise ValueError(f"encoder output must be 'abs' or 'softmax', got {output!r}")
+        if output not in ("abs", "softmax", "task_mean"):
+            raise ValueError(f"encoder output must be abs, softmax or task_mean, got {output!r}")
         self.output, self.reads_error = output, reads_error
         self.register_buffer("levels", torch.tensor(levels, dtype=torch.float32))
         self.embedding = nn.Embedding(len(levels) + 1, embed, padding_idx=0)
@@ -102,6 +103,12 @@ class TaskStateEncoder(InnerWeighting):
         raw = self.out(self.lstm(inputs)).squeeze(-1)
         if self.output == "abs":
             return raw.abs()
+        if self.output == "task_mean":  # only redistributes: the task's mean weight is 1
+            weights = raw.abs() * mask
+            mean = weights.sum((-2, -1), keepdim=True) / mask.sum((-2, -1), keepdim=True).clamp(
+                min=1
+            )
+            return weights / mean.clamp(min=1e-6)
         # softmax over each window's real positions, rescaled so a window's weights sum to its
         # length: a constant output then means plain MSE.
         weights = raw.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
