@@ -188,7 +188,7 @@ class Config:
             (
                 "model.encoder_output",
                 self.model.encoder_output in ENCODER_OUTPUTS,
-                "abs or softmax",
+                f"one of {ENCODER_OUTPUTS}",
             ),
             ("model.dim", self.model.dim % self.model.heads == 0, "divisible by model.heads"),
             ("model.dropout", self.model.dropout < 1, "< 1"),

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from melo_dist.config import SUPPORT_WINDOWS
 from melo_dist.data.seeds import hashed_uniforms, user_keys
 from melo_dist.errors import InputError
 
@@ -38,8 +39,8 @@ class WindowSpec:
     def __post_init__(self) -> None:
         if self.length < 3 or self.support < 1 or self.query < 1:
             raise InputError(f"window spec needs length >= 3, support >= 1, query >= 1: {self}")
-        if self.support_windows not in ("sampled", "history"):
-            raise InputError(f"support_windows must be 'sampled' or 'history': {self}")
+        if self.support_windows not in SUPPORT_WINDOWS:
+            raise InputError(f"support_windows must be one of {SUPPORT_WINDOWS}: {self}")
 
 
 @dataclass

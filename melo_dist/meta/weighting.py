@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from melo_dist.config import ENCODER_OUTPUTS
 from melo_dist.models.layers import LSTM
 
 
@@ -82,8 +83,8 @@ class TaskStateEncoder(InnerWeighting):
         reads_error: bool = False,
     ) -> None:
         super().__init__()
-        if output not in ("abs", "softmax", "task_mean"):
-            raise ValueError(f"encoder output must be abs, softmax or task_mean, got {output!r}")
+        if output not in ENCODER_OUTPUTS:
+            raise ValueError(f"encoder output must be one of {ENCODER_OUTPUTS}, got {output!r}")
         self.output, self.reads_error = output, reads_error
         self.register_buffer("levels", torch.tensor(levels, dtype=torch.float32))
         self.embedding = nn.Embedding(len(levels) + 1, embed, padding_idx=0)
@@ -105,10 +106,8 @@ class TaskStateEncoder(InnerWeighting):
             return raw.abs()
         if self.output == "task_mean":  # only redistributes: the task's mean weight is 1
             weights = raw.abs() * mask
-            mean = weights.sum((-2, -1), keepdim=True) / mask.sum((-2, -1), keepdim=True).clamp(
-                min=1
-            )
-            return weights / mean.clamp(min=1e-6)
+            count = mask.sum((-2, -1), keepdim=True).clamp(min=1)
+            return weights / (weights.sum((-2, -1), keepdim=True) / count).clamp(min=1e-6)
         # softmax over each window's real positions, rescaled so a window's weights sum to its
         # length: a constant output then means plain MSE.
         weights = raw.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)

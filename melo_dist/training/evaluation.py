@@ -207,13 +207,8 @@ def reference_predictions(
         )
         for w in (None, recency_weights(ages, RECENCY_DECAY))
     )
-    starts = np.r_[0, np.cumsum(targets.support_count.astype(np.int64))]
-    once = np.concatenate(  # each user's first support position of each age
-        [
-            start + np.unique(a, return_index=True)[1]
-            for start, a in zip(starts, targets.support_ages)
-        ]
-    )
+    # each user's first support position of each age
+    _, once = np.unique(users * (ages.max(initial=0) + 1) + ages, return_index=True)
     fit = ridge(
         users[once],
         count,
