@@ -19,7 +19,7 @@ from melo_dist.storage import normalised
 
 BACKBONES = ("gru4rec", "narm", "sasrec", "bert4rec")
 REGIMES = ("basic", "maml", "melo", "focal", "class_balanced", "stats_mlp")
-ADAPT = ("all", "no_embeddings", "head")
+ADAPT = ("all", "no_embeddings", "head", "user")
 SUPPORT_WINDOWS = ("sampled", "history")
 ENCODER_OUTPUTS = ("abs", "softmax", "task_mean")
 HEADS = ("reference", "bias")
@@ -112,7 +112,8 @@ class MetaConfig:
     # (0.5: one plain-MSE step moves the user bias to the support's mean residual)
     user_step: str = "gradient"  # gradient | newton: how the inner loop steps the user parameters
     user_damping: float = 1.0  # newton: initial damping (learned), the user bias's and factors'
-    adapt: str = "all"  # all | no_embeddings | head
+    adapt: str = "all"  # all | no_embeddings | head | user (the bias head's user bias and
+    # factors only: the sequence term and item rows stay the meta-learned ones for every user)
     query_loss: str = "last"  # outer loss on each query's target (last) or every position (all)
     recency: bool = False  # weight each support position's inner loss by exp(-decay * age),
     # age = interactions between it and the target (mean 1 per task), times the regime's
@@ -194,6 +195,11 @@ class Config:
             ("model.dropout", self.model.dropout < 1, "< 1"),
             ("optim.average", self.optim.average < 1, "< 1"),
             ("model.max_length", self.model.max_length >= self.data.window, ">= data.window"),
+            (
+                "meta.adapt",
+                self.meta.adapt != "user" or self.model.head == "bias",
+                "all, no_embeddings or head with model.head=reference (no user parameters)",
+            ),
         ]
         for key, ok, expected in checks:
             if not ok:

@@ -214,13 +214,14 @@ def test_sampled_windows_are_ordered_shortest_first():
     assert (batch.query_mask.sum(-1) == 0).any()  # some users have an empty query slot
 
 
-@pytest.mark.parametrize("adapt", ["head", "no_embeddings"])
+@pytest.mark.parametrize("adapt", ["head", "user", "no_embeddings"])
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_batched_meta_step_matches_per_task_loop_when_part_adapts(backbone, adapt):
-    """adapt=head runs the backbone once per window set and only the head per inner step."""
+    """adapt=head (and user) runs the backbone once per window set and only the head per
+    inner step."""
     config = small_config(backbone, "melo", inner_steps=3, multi_step_iterations=10, adapt=adapt)
     learner = learner_for(config)
-    assert learner.head_only == (adapt == "head")
+    assert learner.head_only == (adapt != "no_embeddings")
     batch = small_batch()
     loss, grads = meta_step(learner, batch, 3)
     oracle_loss, oracle_grads = reference_meta_step(learner, batch, 3)
@@ -379,6 +380,7 @@ def test_melo_with_constant_weights_is_maml(backbone):
                 "head.user_factors",
             },
         ),
+        ("bias", "user", {"head.user_bias", "head.user_factors"}),
         ("reference", "no_embeddings", None),
     ],
 )

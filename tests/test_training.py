@@ -397,6 +397,8 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(None, ["model.backbone=lstm"])
     with pytest.raises(InputError, match=r"data.support_windows .*sampled"):
         load_config(None, ["data.support_windows=all"])
+    with pytest.raises(InputError, match=r"meta.adapt must be .* with model.head=reference"):
+        load_config(None, ["model.head=reference", "meta.adapt=user"])
     with pytest.raises(InputError, match=r"--set: meta.inner_steps expects int"):
         load_config(None, ["meta.inner_steps=three"])
     with pytest.raises(InputError, match=r"--set: meta: unknown key\(s\) \['inner_step'\]"):

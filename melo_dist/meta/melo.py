@@ -145,6 +145,8 @@ def adapted_names(backbone: nn.Module, adapt: str) -> list[str]:
         return [n for n in names if not n.startswith(EMBEDDING_PREFIXES)]
     if adapt == "head":
         return [n for n in names if n.startswith("head.")]
+    if adapt == "user":
+        return [n for n in names if n in USER_PARAMETERS]
     return names
 
 
