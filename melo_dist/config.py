@@ -59,6 +59,7 @@ LOWER_BOUNDS = [
     ("optim.encoder_lr", 0, False),
     ("optim.encoder_lr_min", 0, True),
     ("optim.lslr_lr", 0, True),
+    ("optim.weight_decay", 0, True),
     ("optim.average", 0, True),
     ("run.seed", 0, True),
     ("run.validate_every", 1, True),
@@ -138,6 +139,9 @@ class OptimConfig:
     encoder_lr: float = 0.1  # weight-net Adam, cosine-decayed to encoder_lr_min
     encoder_lr_min: float = 0.01
     lslr_lr: float = 1e-3  # inner learning rates' Adam
+    # > 0: decoupled weight decay (AdamW) on the sequence model's weight matrices and
+    # embeddings, not on the bias head's biases and factors
+    weight_decay: float = 0.0
     # > 0: validation, checkpoint selection and every later use score an exponential moving
     # average of the parameters (Polyak averaging) with this decay; 0 = the parameters as is
     average: float = 0.0

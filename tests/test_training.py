@@ -285,6 +285,28 @@ def test_every_regime_trains_and_evaluates(synthetic_dir, tmp_path):
         assert 0 < metrics["mae"] <= metrics["rmse"] < 4
 
 
+def test_weight_decay_shrinks_only_the_sequence_models_weights(synthetic_dir, tmp_path):
+    """With zero gradients AdamW's step is the decay alone: lr * weight_decay of each of the
+    sequence model's weights; the bias head's bias model, biases and norms do not move."""
+    config = tiny_config(synthetic_dir, tmp_path)
+    config.model.user_factors, config.optim.weight_decay = 2, 0.5
+    run = TrainingRun(config, load_dataset(config.data))
+    before = {name: p.detach().clone() for name, p in run.learner.named_parameters()}
+    run.apply({name: torch.zeros_like(p) for name, p in before.items()}, 0.0)
+    shrunk = {
+        "backbone.item_embedding.weight",
+        "backbone.gru.input_proj.0.weight",
+        "backbone.head.linear.weight",
+    }
+    kept = {"backbone.head.item_bias.weight", "backbone.head.item_factors.weight"}
+    kept |= {"backbone.gru.input_proj.0.bias", "backbone.head.user_factors"}
+    lr = config.optim.lr
+    for name in shrunk:
+        assert torch.allclose(run.learner.get_parameter(name), before[name] * (1 - lr * 0.5))
+    for name in kept:
+        assert torch.equal(run.learner.get_parameter(name), before[name]), name
+
+
 def test_a_non_finite_meta_loss_stops_training(synthetic_dir, tmp_path):
     config = tiny_config(synthetic_dir, tmp_path)
     data = load_dataset(config.data)

@@ -1,7 +1,8 @@
 """One training run's state: the learner, its optimisers, the iteration, the best validation.
 
 Three optimisers, one per parameter group: the recommender (Adam, cosine decay, grad-norm
-clipping), the inner-loss weight net (Adam, cosine decay) and the inner learning rates (Adam).
+clipping; AdamW on the sequence model's weights with optim.weight_decay), the inner-loss
+weight net (Adam, cosine decay) and the inner learning rates (Adam).
 `gradients` and `apply` are the two halves of a meta-iteration; a distributed worker averages
 the gradients across ranks in between.
 """
@@ -21,6 +22,7 @@ from melo_dist.data.seeds import derive_seed
 from melo_dist.data.tasks import TaskBatch
 from melo_dist.errors import InputError
 from melo_dist.meta import build_learner, meta_step, scored_weights
+from melo_dist.models import decayed_weights
 from melo_dist.storage import local_folder
 from melo_dist.training.baselines import bias_statistics, item_factors
 from melo_dist.training.checkpoint import (
@@ -73,7 +75,12 @@ class TrainingRun:
         for group, params in self.params.items():
             if params:
                 lr, floor = settings[group]
-                self.optimizers[group] = torch.optim.Adam(params, lr=lr)
+                if group == "backbone" and optim.weight_decay:
+                    self.optimizers[group] = torch.optim.AdamW(
+                        decay_groups(self.learner, optim.weight_decay), lr=lr
+                    )
+                else:
+                    self.optimizers[group] = torch.optim.Adam(params, lr=lr)
                 if floor is not None:
                     self.schedulers[group] = torch.optim.lr_scheduler.CosineAnnealingLR(
                         self.optimizers[group], T_max=optim.iterations, eta_min=floor
@@ -198,6 +205,17 @@ class TrainingRun:
         for key, scheduler in self.schedulers.items():
             scheduler.load_state_dict(state["schedulers"][key])
         self.iteration, self.best_rmse = state["iteration"], state["best_rmse"]
+
+
+def decay_groups(learner: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """The recommender's parameters in two AdamW groups: the sequence model's weights decayed
+    (`decayed_weights`), the rest not."""
+    decayed = {"backbone." + name for name in decayed_weights(learner.backbone)}
+    params = [(n, p) for n, p in learner.named_parameters() if n.startswith("backbone.")]
+    return [
+        {"params": [p for n, p in params if n in decayed], "weight_decay": weight_decay},
+        {"params": [p for n, p in params if n not in decayed], "weight_decay": 0.0},
+    ]
 
 
 def average_into(
