@@ -76,9 +76,8 @@ class TrainingRun:
             if params:
                 lr, floor = settings[group]
                 if group == "backbone" and optim.weight_decay:
-                    self.optimizers[group] = torch.optim.AdamW(
-                        decay_groups(self.learner, optim.weight_decay), lr=lr
-                    )
+                    groups = decay_groups(params, self.learner.backbone, optim.weight_decay)
+                    self.optimizers[group] = torch.optim.AdamW(groups, lr=lr)
                 else:
                     self.optimizers[group] = torch.optim.Adam(params, lr=lr)
                 if floor is not None:
@@ -207,14 +206,15 @@ class TrainingRun:
         self.iteration, self.best_rmse = state["iteration"], state["best_rmse"]
 
 
-def decay_groups(learner: torch.nn.Module, weight_decay: float) -> list[dict]:
+def decay_groups(
+    params: list[torch.nn.Parameter], backbone: torch.nn.Module, weight_decay: float
+) -> list[dict]:
     """The recommender's parameters in two AdamW groups: the sequence model's weights decayed
     (`decayed_weights`), the rest not."""
-    decayed = {"backbone." + name for name in decayed_weights(learner.backbone)}
-    params = [(n, p) for n, p in learner.named_parameters() if n.startswith("backbone.")]
+    decayed = {id(backbone.get_parameter(name)) for name in decayed_weights(backbone)}
     return [
-        {"params": [p for n, p in params if n in decayed], "weight_decay": weight_decay},
-        {"params": [p for n, p in params if n not in decayed], "weight_decay": 0.0},
+        {"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
     ]
 
 
