@@ -394,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-wait-ms",
         type=float,
         default=15.0,
-        help="how long a batch waits to fill (batches fill under load; a lone user waits it)",
+        help="the longest a batch waits to fill (it closes once it holds as many requests as were "
+        "in flight at the last second's peak)",
     )
     served.set_defaults(run=cmd_serve)
 

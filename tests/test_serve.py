@@ -14,7 +14,7 @@ from conftest import original_ids
 
 from melo_dist import ColdStartModel
 from melo_dist.errors import InputError
-from melo_dist.inference.serve import MAX_CANDIDATES, build_app, start_serve
+from melo_dist.inference.serve import MAX_CANDIDATES, RecentPeak, build_app, start_serve
 from melo_dist.training.checkpoint import load_checkpoint
 
 
@@ -120,3 +120,17 @@ def test_bad_requests_get_a_4xx_with_the_reason(server, body, status, message):
 def test_bad_settings_are_refused(trained):
     with pytest.raises(InputError, match="max_batch_size must be at least 1"):
         build_app(str(trained), max_batch_size=0)
+
+
+def test_the_batch_size_follows_the_recent_peak_of_requests_in_flight():
+    now = [0.0]
+    load = RecentPeak(1.0, clock=lambda: now[0])
+    assert [load.arrive() for _ in range(3)] == [1, 2, 3]  # a burst: batches may grow with it
+    for _ in range(3):
+        load.leave()
+    now[0] = 0.5
+    assert load.arrive() == 3  # its clients come back within the second: wait for all three
+    load.leave()
+    now[0] = 1.6
+    assert load.arrive() == 1  # the burst is over: a lone request closes its batch at once
+    assert load.arrive() == 2

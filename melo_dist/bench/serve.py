@@ -6,7 +6,7 @@ through the same Ray Serve application `melo-dist serve` runs, on a free loopbac
 sends real HTTP requests, each a history of `--history` ratings and `--candidates` candidates:
 
 - single user: one client, one request at a time, on the batching deployment (the latency a
-  lone user sees, batch wait included);
+  lone user sees there);
 - one at a time: `--clients` concurrent clients, max batch size 1;
 - batched: the same load with `@serve.batch` (max batch size `--max-batch-size`).
 

@@ -6,6 +6,11 @@ history and predicts its candidates; concurrent requests are adapted together (`
               ->   {"predictions": [...], "batch_size": 3, "compute_ms": 41.0, "model": {...}}
     GET  /health   -> {"status": "ok", "model": {...}}
 
+A batch closes as soon as it holds as many requests as were in flight on the replica at the
+peak of the last second (never more than the max batch size), or when its wait is over: a lone
+user is not held for company that is not coming, and the clients of a steady load are adapted
+together without each batch waiting out the timer.
+
 `batch_size` is how many requests were adapted together with this one, `compute_ms` how long
 their adaptation and prediction took on the replica (the rest of a request's latency is HTTP,
 Serve and the batch wait). Every response names
@@ -22,6 +27,8 @@ import hashlib
 import json
 import os
 import time
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 from ray import serve
@@ -34,6 +41,7 @@ from melo_dist.inference.model import ColdStartModel
 MAX_BODY_BYTES = 1_000_000
 MAX_HISTORY = 1_000  # ratings; only the last data.window - 1 are used
 MAX_CANDIDATES = 10_000
+PEAK_MEMORY_S = 1.0  # how long a load peak sets the batch size
 
 
 def model_version(model: ColdStartModel) -> dict:
@@ -74,6 +82,28 @@ def parse_request(body: bytes, model: ColdStartModel) -> tuple[list, list, list,
     return items, ratings, candidates, user_id
 
 
+class RecentPeak:
+    """The most requests in flight at once on this replica over the last `seconds`."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds, self.clock, self.in_flight = seconds, clock, 0
+        self.peaks: deque[tuple[float, int]] = deque()  # (time, in flight), falling values
+
+    def arrive(self) -> int:
+        """Count a request in; the peak of the window, this one included."""
+        now = self.clock()
+        self.in_flight += 1
+        while self.peaks and self.peaks[-1][1] <= self.in_flight:
+            self.peaks.pop()
+        self.peaks.append((now, self.in_flight))
+        while self.peaks[0][0] < now - self.seconds:
+            self.peaks.popleft()
+        return self.peaks[0][1]
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+
+
 @serve.deployment
 class ColdStartService:
     def __init__(
@@ -89,26 +119,27 @@ class ColdStartService:
         torch.set_num_threads(threads)
         self.model = ColdStartModel.load(checkpoint, data)
         self.version = model_version(self.model)
+        self.max_batch = max_batch_size
         self.predict_batch.set_max_batch_size(max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)
+        self.load = RecentPeak(PEAK_MEMORY_S)
 
     @serve.batch
     async def predict_batch(self, requests: list[tuple]) -> list[dict]:
         """One batched inner loop for every request that arrived together (off the event loop,
         so the next batch gathers meanwhile); each gets its predictions and the batch size."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.compute, requests)
 
-        def run() -> list[dict]:
-            started = time.perf_counter()
-            histories = [(r[0], r[1]) for r in requests]
-            users = self.model.adapt_many(histories, [r[3] for r in requests])
-            predictions = users.predict([r[2] for r in requests])
-            compute_ms = round((time.perf_counter() - started) * 1000, 2)
-            return [
-                {"predictions": p.tolist(), "batch_size": len(requests), "compute_ms": compute_ms}
-                for p in predictions
-            ]
-
-        return await asyncio.get_running_loop().run_in_executor(None, run)
+    def compute(self, requests: list[tuple]) -> list[dict]:
+        """Adapt to every request's history at once and predict its candidates."""
+        started = time.perf_counter()
+        users = self.model.adapt_many([(r[0], r[1]) for r in requests], [r[3] for r in requests])
+        predictions = users.predict([r[2] for r in requests])
+        compute_ms = round((time.perf_counter() - started) * 1000, 2)
+        return [
+            {"predictions": p.tolist(), "batch_size": len(requests), "compute_ms": compute_ms}
+            for p in predictions
+        ]
 
     async def __call__(self, request: Request) -> JSONResponse:
         if request.url.path.rstrip("/").endswith("/health"):
@@ -124,10 +155,16 @@ class ColdStartService:
             return self.error(400, str(error))
         except OverflowError as error:
             return self.error(413, str(error))
+        # A batch closes once it holds as many requests as were in flight at the recent peak
+        # (a lone user waits for nobody; a steady load's clients are adapted together), else
+        # after the batch wait; never above max_batch_size.
+        self.predict_batch.set_max_batch_size(min(self.max_batch, self.load.arrive()))
         try:
             reply = await self.predict_batch(parsed)
         except Exception as error:  # logged by Serve; the client gets the reason, not a traceback
             return self.error(500, f"prediction failed: {type(error).__name__}: {error}")
+        finally:
+            self.load.leave()
         return JSONResponse({**reply, "model": self.version})
 
     def error(self, status: int, message: str) -> JSONResponse:
