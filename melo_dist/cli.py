@@ -226,9 +226,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         args.data,
         replicas=args.replicas,
         max_batch_size=args.max_batch_size,
-        batch_wait_ms=args.batch_wait_ms,
         cpus_per_replica=args.cpus_per_replica,
         threads=args.threads,
+        **({} if args.batch_wait_ms is None else {"batch_wait_ms": args.batch_wait_ms}),
     )
     serve_forever(app, args.host, args.port, log)
 
@@ -393,9 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     served.add_argument(
         "--batch-wait-ms",
         type=float,
-        default=15.0,
-        help="the longest a batch waits to fill (it closes once it holds as many requests as were "
-        "in flight at the last second's peak)",
+        help="the longest a batch waits to fill, default 30 (it closes once it holds as many "
+        "requests as were in flight at the last second's peak: a lone user never waits)",
     )
     served.set_defaults(run=cmd_serve)
 

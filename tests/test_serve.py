@@ -14,7 +14,7 @@ from conftest import original_ids
 
 from melo_dist import ColdStartModel
 from melo_dist.errors import InputError
-from melo_dist.inference.serve import MAX_CANDIDATES, RecentPeak, build_app, start_serve
+from melo_dist.inference.serve import MAX_CANDIDATES, InFlight, build_app, start_serve
 from melo_dist.training.checkpoint import load_checkpoint
 
 
@@ -122,15 +122,15 @@ def test_bad_settings_are_refused(trained):
         build_app(str(trained), max_batch_size=0)
 
 
-def test_the_batch_size_follows_the_recent_peak_of_requests_in_flight():
+def test_a_batch_expects_the_recent_peak_of_requests_in_flight():
     now = [0.0]
-    load = RecentPeak(1.0, clock=lambda: now[0])
-    assert [load.arrive() for _ in range(3)] == [1, 2, 3]  # a burst: batches may grow with it
+    in_flight = InFlight(1.0, clock=lambda: now[0])
+    assert [in_flight.arrive() for _ in range(3)] == [1, 2, 3]  # a burst: batches grow with it
     for _ in range(3):
-        load.leave()
+        in_flight.leave()
     now[0] = 0.5
-    assert load.arrive() == 3  # its clients come back within the second: wait for all three
-    load.leave()
+    assert in_flight.arrive() == 3  # its clients come back within the second: wait for all
+    in_flight.leave()
     now[0] = 1.6
-    assert load.arrive() == 1  # the burst is over: a lone request closes its batch at once
-    assert load.arrive() == 2
+    assert in_flight.arrive() == 1  # the burst is over: a lone request closes its batch at once
+    assert in_flight.arrive() == 2

@@ -34,6 +34,7 @@ import numpy as np
 
 from melo_dist.bench.train import embedded_default
 from melo_dist.config import load_config
+from melo_dist.inference.serve import BATCH_WAIT_MS
 
 DEFAULT_MODEL = "small SASRec MELO (synthetic)"
 
@@ -101,7 +102,7 @@ def run(options: list[str]) -> tuple[str, list, dict]:
     parser.add_argument("--history", type=int, default=30)
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--batch-wait-ms", type=float, default=15.0)
+    parser.add_argument("--batch-wait-ms", type=float, default=BATCH_WAIT_MS)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the replica")
     args = parser.parse_args(options)
     from ray import serve

@@ -6,10 +6,11 @@ history and predicts its candidates; concurrent requests are adapted together (`
               ->   {"predictions": [...], "batch_size": 3, "compute_ms": 41.0, "model": {...}}
     GET  /health   -> {"status": "ok", "model": {...}}
 
-A batch closes as soon as it holds as many requests as were in flight on the replica at the
-peak of the last second (never more than the max batch size), or when its wait is over: a lone
-user is not held for company that is not coming, and the clients of a steady load are adapted
-together without each batch waiting out the timer.
+A batch closes as soon as it holds as many requests as can still come: the peak of requests in
+flight on the replica over the last second, less those already in an earlier batch (never more
+than the max batch size); else when its wait is over. A lone user is not held for company that
+is not coming, and the clients of a steady load are adapted together without waiting out the
+timer.
 
 `batch_size` is how many requests were adapted together with this one, `compute_ms` how long
 their adaptation and prediction took on the replica (the rest of a request's latency is HTTP,
@@ -42,6 +43,9 @@ MAX_BODY_BYTES = 1_000_000
 MAX_HISTORY = 1_000  # ratings; only the last data.window - 1 are used
 MAX_CANDIDATES = 10_000
 PEAK_MEMORY_S = 1.0  # how long a load peak sets the batch size
+# A batch waits this long at most: long enough for the clients of the batch computing to come
+# back (a load split into two batches merges again); a lone user never waits it.
+BATCH_WAIT_MS = 30.0
 
 
 def model_version(model: ColdStartModel) -> dict:
@@ -82,26 +86,26 @@ def parse_request(body: bytes, model: ColdStartModel) -> tuple[list, list, list,
     return items, ratings, candidates, user_id
 
 
-class RecentPeak:
-    """The most requests in flight at once on this replica over the last `seconds`."""
+class InFlight:
+    """The requests in flight on this replica, and their peak over the last `seconds`."""
 
     def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.seconds, self.clock, self.in_flight = seconds, clock, 0
-        self.peaks: deque[tuple[float, int]] = deque()  # (time, in flight), falling values
+        self.seconds, self.clock, self.count = seconds, clock, 0
+        self.peaks: deque[tuple[float, int]] = deque()  # (time, count), falling counts
 
     def arrive(self) -> int:
-        """Count a request in; the peak of the window, this one included."""
+        """Count a request in; the peak count of the window, this request included."""
         now = self.clock()
-        self.in_flight += 1
-        while self.peaks and self.peaks[-1][1] <= self.in_flight:
+        self.count += 1
+        while self.peaks and self.peaks[-1][1] <= self.count:
             self.peaks.pop()
-        self.peaks.append((now, self.in_flight))
+        self.peaks.append((now, self.count))
         while self.peaks[0][0] < now - self.seconds:
             self.peaks.popleft()
         return self.peaks[0][1]
 
     def leave(self) -> None:
-        self.in_flight -= 1
+        self.count -= 1
 
 
 @serve.deployment
@@ -111,7 +115,7 @@ class ColdStartService:
         checkpoint: str,
         data: str | None = None,
         max_batch_size: int = 16,
-        batch_wait_ms: float = 15.0,
+        batch_wait_ms: float = BATCH_WAIT_MS,
         threads: int = 1,
     ) -> None:
         import torch
@@ -122,7 +126,7 @@ class ColdStartService:
         self.max_batch = max_batch_size
         self.predict_batch.set_max_batch_size(max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)
-        self.load = RecentPeak(PEAK_MEMORY_S)
+        self.in_flight = InFlight(PEAK_MEMORY_S)
 
     @serve.batch
     async def predict_batch(self, requests: list[tuple]) -> list[dict]:
@@ -155,16 +159,17 @@ class ColdStartService:
             return self.error(400, str(error))
         except OverflowError as error:
             return self.error(413, str(error))
-        # A batch closes once it holds as many requests as were in flight at the recent peak
-        # (a lone user waits for nobody; a steady load's clients are adapted together), else
+        # A batch that starts with this request closes once it holds as many as can still come
+        # (a lone user waits for nobody; a steady load's clients are adapted together, and a
+        # batch does not wait for clients whose requests are in the batch computing), else
         # after the batch wait; never above max_batch_size.
-        self.predict_batch.set_max_batch_size(min(self.max_batch, self.load.arrive()))
+        self.predict_batch.set_max_batch_size(min(self.max_batch, self.in_flight.arrive()))
         try:
             reply = await self.predict_batch(parsed)
         except Exception as error:  # logged by Serve; the client gets the reason, not a traceback
             return self.error(500, f"prediction failed: {type(error).__name__}: {error}")
         finally:
-            self.load.leave()
+            self.in_flight.leave()
         return JSONResponse({**reply, "model": self.version})
 
     def error(self, status: int, message: str) -> JSONResponse:
@@ -176,7 +181,7 @@ def build_app(
     data: str | None = None,
     replicas: int = 1,
     max_batch_size: int = 16,
-    batch_wait_ms: float = 5.0,
+    batch_wait_ms: float = BATCH_WAIT_MS,
     cpus_per_replica: float = 1.0,
     threads: int = 1,
 ):
