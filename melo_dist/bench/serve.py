@@ -98,7 +98,7 @@ def run(options: list[str]) -> tuple[str, list, dict]:
     parser.add_argument("--checkpoint", help="default: a small SASRec model on synthetic data")
     parser.add_argument("--data", help="the checkpoint's prepared dataset (default: its own)")
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=200, help="requests per load")
+    parser.add_argument("--requests", type=int, default=400, help="requests per load")
     parser.add_argument("--history", type=int, default=30)
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--max-batch-size", type=int, default=16)

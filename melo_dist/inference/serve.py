@@ -46,6 +46,14 @@ PEAK_MEMORY_S = 1.0  # how long a load peak sets the batch size
 # A batch waits this long at most: long enough for the clients of the batch computing to come
 # back (a load split into two batches merges again); a lone user never waits it.
 BATCH_WAIT_MS = 30.0
+SERVE_SETTINGS = {
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+    "RAY_SERVE_LOG_TO_STDERR": "0",
+    "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
+}
 
 
 def model_version(model: ColdStartModel) -> dict:
@@ -219,6 +227,14 @@ def start_serve(host: str, port: int) -> None:
     # (importing the web stack) takes longer and the controller kills it in a loop. Effective
     # when Ray is started here (a cluster's own setting is left alone).
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    # What RAY_SERVE_THROUGHPUT_OPTIMIZED sets, spelled out (the switch itself measured slower
+    # here, README Benchmarks) and without its direct ingress, which needs a load balancer in
+    # front of the replicas: gRPC from the proxy to the replicas, the router and user code on
+    # the main event loops, request logs buffered, not echoed. The proxy's and the replica's
+    # CPU per request bound batched throughput on a small machine. Likewise only where Ray
+    # starts here; a cluster sets them in its environment.
+    for name, value in SERVE_SETTINGS.items():
+        os.environ.setdefault(name, value)
     connect()
     serve.start(http_options={"host": host, "port": port})
 
