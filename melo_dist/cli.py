@@ -16,6 +16,7 @@ from melo_dist.data.formats import SOURCES
 from melo_dist.data.prepare import PrepareSettings
 from melo_dist.data.synthetic import SyntheticSpec
 from melo_dist.errors import InputError
+from melo_dist.inference.batching import BATCH_WAIT_MS, MAX_BATCH_SIZE
 from melo_dist.runtime import exit_on_sigterm, log, training_device
 
 SYNTHETIC = "synthetic"  # the embedded generator: a source that is generated, not read
@@ -226,9 +227,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         args.data,
         replicas=args.replicas,
         max_batch_size=args.max_batch_size,
+        batch_wait_ms=args.batch_wait_ms,
         cpus_per_replica=args.cpus_per_replica,
         threads=args.threads,
-        **({} if args.batch_wait_ms is None else {"batch_wait_ms": args.batch_wait_ms}),
     )
     serve_forever(app, args.host, args.port, log)
 
@@ -389,12 +390,18 @@ def build_parser() -> argparse.ArgumentParser:
     served.add_argument("--replicas", type=int, default=1)
     served.add_argument("--cpus-per-replica", type=float, default=1.0)
     served.add_argument("--threads", type=int, default=1, help="torch threads per replica")
-    served.add_argument("--max-batch-size", type=int, default=16, help="requests adapted together")
+    served.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=MAX_BATCH_SIZE,
+        help="requests adapted together, at most (default %(default)s)",
+    )
     served.add_argument(
         "--batch-wait-ms",
         type=float,
-        help="the longest a batch waits to fill, default 30 (it closes once it holds as many "
-        "requests as were in flight at the last second's peak: a lone user never waits)",
+        default=BATCH_WAIT_MS,
+        help="the longest a batch waits to fill (default %(default)s); it closes once it holds as "
+        "many requests as were in flight at the last second's peak",
     )
     served.set_defaults(run=cmd_serve)
 

@@ -12,7 +12,6 @@ threads spinning while they wait for work.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from ray import serve
 
-from melo_dist.bench.serve import free_port, load, train_small_model
+from melo_dist.bench.serve import free_port, load, request_bodies, train_small_model
 from melo_dist.inference.model import ColdStartModel
 from melo_dist.inference.serve import build_app, start_serve
 
@@ -55,20 +54,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint or str(train_small_model(Path(tmp)))
         model = ColdStartModel.load(checkpoint)
-        rng = np.random.default_rng(0)
-        bodies = [
-            json.dumps(
-                {
-                    "history": {
-                        "items": rng.choice(model.catalogue, 30, replace=False).tolist(),
-                        "ratings": rng.choice(model.levels, 30).tolist(),
-                    },
-                    "candidates": rng.choice(model.catalogue, 100).tolist(),
-                    "user_id": f"user{user}",
-                }
-            ).encode()
-            for user in range(args.requests)
-        ]
+        bodies = request_bodies(model, args.requests, 30, 100)
         port = free_port()
         url = f"http://127.0.0.1:{port}/predict"
         start_serve("127.0.0.1", port)

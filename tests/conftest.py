@@ -81,8 +81,9 @@ def ray_session():
     dashboard: sweeps need its state API to release finished trials' workers."""
     import ray
 
-    # as melo_dist.inference.serve.start_serve: Serve's proxy is slow to start on busy machines
-    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    from melo_dist.inference.serve import serve_environment
+
+    serve_environment()  # Serve's settings, as `start_serve` gives them to the Ray it starts
     ray.init(
         address="local",  # its own instance, even where another Ray cluster runs on the machine
         num_cpus=2,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import urllib.error
@@ -11,10 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from conftest import original_ids
+from starlette.requests import Request
 
 from melo_dist import ColdStartModel
 from melo_dist.errors import InputError
-from melo_dist.inference.serve import MAX_CANDIDATES, InFlight, build_app, start_serve
+from melo_dist.inference.batching import InFlight
+from melo_dist.inference.serve import MAX_CANDIDATES, ColdStartService, build_app, start_serve
 from melo_dist.training.checkpoint import load_checkpoint
 
 
@@ -131,6 +134,65 @@ def test_a_batch_expects_the_recent_peak_of_requests_in_flight():
     now[0] = 0.5
     assert in_flight.arrive() == 3  # its clients come back within the second: wait for all
     in_flight.leave()
-    now[0] = 1.6
-    assert in_flight.arrive() == 1  # the burst is over: a lone request closes its batch at once
-    assert in_flight.arrive() == 2
+    now[0] = 0.9
+    assert [in_flight.arrive() for _ in range(2)] == [3, 3]
+    for _ in range(2):
+        in_flight.leave()
+    now[0] = 1.5
+    assert in_flight.arrive() == 2  # the peak of 3 has passed, the later one of 2 has not
+    in_flight.leave()
+    now[0] = 2.0
+    assert in_flight.arrive() == 1  # the load is over: a lone request closes its batch at once
+
+
+class StubBatch:
+    """In place of the `@serve.batch` method: records the batch sizes set, then answers (or
+    fails) once released."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.sizes, self.fail, self.release = [], fail, asyncio.Event()
+
+    def set_max_batch_size(self, size: int) -> None:
+        self.sizes.append(size)
+
+    async def __call__(self, parsed: tuple) -> dict:
+        await self.release.wait()
+        if self.fail:
+            raise RuntimeError("the stub fails")
+        return {"predictions": [], "batch_size": 1, "compute_ms": 0.0}
+
+
+def post(body: bytes) -> Request:
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": []}
+    return Request({**scope, "query_string": b""}, receive)
+
+
+def test_each_request_sets_its_batch_at_the_peak_and_leaves_the_count(trained, synthetic_dir):
+    service = object.__new__(ColdStartService.func_or_class)  # the handler, without a replica
+    service.model, service.version, service.max_batch = ColdStartModel.load(trained), {}, 2
+    service.in_flight = InFlight(60.0)
+    names = original_ids(synthetic_dir)[1:]
+    request = {"history": {"items": names[:3], "ratings": [5, 1, 4]}, "candidates": names[5:6]}
+    body = json.dumps(request).encode()
+
+    async def scenario(stub: StubBatch, cancel: bool = False) -> list[int]:
+        service.predict_batch = stub
+        calls = [asyncio.create_task(service(post(body))) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        assert service.in_flight.count == 3
+        if cancel:
+            for call in calls:
+                call.cancel()
+        stub.release.set()
+        replies = await asyncio.gather(*calls, return_exceptions=True)
+        assert service.in_flight.count == 0  # every path leaves the count
+        return [getattr(reply, "status_code", None) for reply in replies]
+
+    ok = StubBatch()
+    assert asyncio.run(scenario(ok)) == [200] * 3
+    assert ok.sizes == [1, 2, 2]  # the peak so far, capped at the max batch size
+    assert asyncio.run(scenario(StubBatch(fail=True))) == [500] * 3
+    assert asyncio.run(scenario(StubBatch(), cancel=True)) == [None] * 3

@@ -34,7 +34,7 @@ import numpy as np
 
 from melo_dist.bench.train import embedded_default
 from melo_dist.config import load_config
-from melo_dist.inference.serve import BATCH_WAIT_MS
+from melo_dist.inference.batching import BATCH_WAIT_MS, MAX_BATCH_SIZE, PEAK_WINDOW_S
 
 DEFAULT_MODEL = "small SASRec MELO (synthetic)"
 
@@ -93,6 +93,24 @@ def load(url: str, bodies: list[bytes], clients: int) -> tuple[list[float], floa
     return [r[0] for r in results], wall, [r[1] for r in results]
 
 
+def request_bodies(model, count: int, history: int, candidates: int) -> list[bytes]:
+    """`count` request bodies (seeded): a history of `history` distinct items with random
+    ratings and `candidates` random candidates each, from `model`'s catalogue."""
+    rng = np.random.default_rng(0)
+    bodies = []
+    for user in range(count):
+        request = {
+            "history": {
+                "items": rng.choice(model.catalogue, history, replace=False).tolist(),
+                "ratings": rng.choice(model.levels, history).tolist(),
+            },
+            "candidates": rng.choice(model.catalogue, candidates).tolist(),
+            "user_id": f"user{user}",
+        }
+        bodies.append(json.dumps(request).encode())
+    return bodies
+
+
 def run(options: list[str]) -> tuple[str, list, dict]:
     parser = argparse.ArgumentParser(prog="melo-dist bench serve")
     parser.add_argument("--checkpoint", help="default: a small SASRec model on synthetic data")
@@ -101,7 +119,7 @@ def run(options: list[str]) -> tuple[str, list, dict]:
     parser.add_argument("--requests", type=int, default=400, help="requests per load")
     parser.add_argument("--history", type=int, default=30)
     parser.add_argument("--candidates", type=int, default=100)
-    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE)
     parser.add_argument("--batch-wait-ms", type=float, default=BATCH_WAIT_MS)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the replica")
     args = parser.parse_args(options)
@@ -113,19 +131,7 @@ def run(options: list[str]) -> tuple[str, list, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint or str(train_small_model(Path(tmp)))
         model = ColdStartModel.load(checkpoint, args.data)
-        rng = np.random.default_rng(0)
-        bodies = []
-        for user in range(args.requests):
-            items = rng.choice(model.catalogue, args.history, replace=False).tolist()
-            request = {
-                "history": {
-                    "items": items,
-                    "ratings": rng.choice(model.levels, args.history).tolist(),
-                },
-                "candidates": rng.choice(model.catalogue, args.candidates).tolist(),
-                "user_id": f"user{user}",
-            }
-            bodies.append(json.dumps(request).encode())
+        bodies = request_bodies(model, args.requests, args.history, args.candidates)
         port = free_port()
         url = f"http://127.0.0.1:{port}/predict"
         start_serve("127.0.0.1", port)
@@ -145,6 +151,8 @@ def run(options: list[str]) -> tuple[str, list, dict]:
                 )
                 serve.run(app, name="melo-dist-bench", route_prefix="/")
                 for mode, clients in loads:
+                    if mode == "single user":  # after the batched load's peak has passed
+                        time.sleep(PEAK_WINDOW_S)
                     load(url, bodies[: max(4, clients)], clients)  # warm up
                     results[mode] = load(url, bodies, clients)
         finally:

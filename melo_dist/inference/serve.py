@@ -6,11 +6,7 @@ history and predicts its candidates; concurrent requests are adapted together (`
               ->   {"predictions": [...], "batch_size": 3, "compute_ms": 41.0, "model": {...}}
     GET  /health   -> {"status": "ok", "model": {...}}
 
-A batch closes as soon as it holds as many requests as can still come: the peak of requests in
-flight on the replica over the last second, less those already in an earlier batch (never more
-than the max batch size); else when its wait is over. A lone user is not held for company that
-is not coming, and the clients of a steady load are adapted together without waiting out the
-timer.
+How batches form: `melo_dist.inference.batching`.
 
 `batch_size` is how many requests were adapted together with this one, `compute_ms` how long
 their adaptation and prediction took on the replica (the rest of a request's latency is HTTP,
@@ -28,8 +24,6 @@ import hashlib
 import json
 import os
 import time
-from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 
 from ray import serve
@@ -37,23 +31,37 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from melo_dist.errors import InputError
+from melo_dist.inference.batching import BATCH_WAIT_MS, MAX_BATCH_SIZE, PEAK_WINDOW_S, InFlight
 from melo_dist.inference.model import ColdStartModel
 
 MAX_BODY_BYTES = 1_000_000
 MAX_HISTORY = 1_000  # ratings; only the last data.window - 1 are used
 MAX_CANDIDATES = 10_000
-PEAK_MEMORY_S = 1.0  # how long a load peak sets the batch size
-# A batch waits this long at most: long enough for the clients of the batch computing to come
-# back (a load split into two batches merges again); a lone user never waits it.
-BATCH_WAIT_MS = 30.0
+# What Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED switch sets, less its direct ingress (which needs
+# a load balancer in front of the replicas): gRPC from the proxy to the replicas, the router and
+# user code on the main event loops (the inner loop runs in the loop's executor; the model loads
+# and requests are parsed on the loop), request logs buffered (written every 1,000 lines or at
+# an error) and not echoed. Set one by one, because the switch alone leaves the proxy off gRPC
+# (Serve derives RAY_SERVE_PROXY_USE_GRPC before the switch takes effect). The proxy's and the
+# replica's CPU per request bound batched throughput on a small machine (README, Benchmarks).
 SERVE_SETTINGS = {
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
     "RAY_SERVE_LOG_TO_STDERR": "0",
-    "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
+    # The proxy must report ready within 5 s by default; on a busy small machine its start
+    # (importing the web stack) takes longer and the controller kills it in a loop.
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
 }
+
+
+def serve_environment() -> None:
+    """SERVE_SETTINGS into this process's environment, where not set already: the Ray started
+    from here passes them on to Serve's processes (a running cluster keeps its own: export
+    them before `ray start`)."""
+    for name, value in SERVE_SETTINGS.items():
+        os.environ.setdefault(name, value)
 
 
 def model_version(model: ColdStartModel) -> dict:
@@ -94,35 +102,13 @@ def parse_request(body: bytes, model: ColdStartModel) -> tuple[list, list, list,
     return items, ratings, candidates, user_id
 
 
-class InFlight:
-    """The requests in flight on this replica, and their peak over the last `seconds`."""
-
-    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.seconds, self.clock, self.count = seconds, clock, 0
-        self.peaks: deque[tuple[float, int]] = deque()  # (time, count), falling counts
-
-    def arrive(self) -> int:
-        """Count a request in; the peak count of the window, this request included."""
-        now = self.clock()
-        self.count += 1
-        while self.peaks and self.peaks[-1][1] <= self.count:
-            self.peaks.pop()
-        self.peaks.append((now, self.count))
-        while self.peaks[0][0] < now - self.seconds:
-            self.peaks.popleft()
-        return self.peaks[0][1]
-
-    def leave(self) -> None:
-        self.count -= 1
-
-
 @serve.deployment
 class ColdStartService:
     def __init__(
         self,
         checkpoint: str,
         data: str | None = None,
-        max_batch_size: int = 16,
+        max_batch_size: int = MAX_BATCH_SIZE,
         batch_wait_ms: float = BATCH_WAIT_MS,
         threads: int = 1,
     ) -> None:
@@ -134,7 +120,7 @@ class ColdStartService:
         self.max_batch = max_batch_size
         self.predict_batch.set_max_batch_size(max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)
-        self.in_flight = InFlight(PEAK_MEMORY_S)
+        self.in_flight = InFlight(PEAK_WINDOW_S)
 
     @serve.batch
     async def predict_batch(self, requests: list[tuple]) -> list[dict]:
@@ -167,12 +153,10 @@ class ColdStartService:
             return self.error(400, str(error))
         except OverflowError as error:
             return self.error(413, str(error))
-        # A batch that starts with this request closes once it holds as many as can still come
-        # (a lone user waits for nobody; a steady load's clients are adapted together, and a
-        # batch does not wait for clients whose requests are in the batch computing), else
-        # after the batch wait; never above max_batch_size.
-        self.predict_batch.set_max_batch_size(min(self.max_batch, self.in_flight.arrive()))
+        # the batch this request starts closes at the recent peak in flight (batching.py)
+        peak = self.in_flight.arrive()
         try:
+            self.predict_batch.set_max_batch_size(min(self.max_batch, peak))
             reply = await self.predict_batch(parsed)
         except Exception as error:  # logged by Serve; the client gets the reason, not a traceback
             return self.error(500, f"prediction failed: {type(error).__name__}: {error}")
@@ -188,7 +172,7 @@ def build_app(
     checkpoint: str,
     data: str | None = None,
     replicas: int = 1,
-    max_batch_size: int = 16,
+    max_batch_size: int = MAX_BATCH_SIZE,
     batch_wait_ms: float = BATCH_WAIT_MS,
     cpus_per_replica: float = 1.0,
     threads: int = 1,
@@ -220,21 +204,11 @@ def build_app(
 
 
 def start_serve(host: str, port: int) -> None:
-    """Join $RAY_ADDRESS or start a local Ray, and start Serve's HTTP proxy on host:port."""
+    """Join $RAY_ADDRESS or start a local Ray (with SERVE_SETTINGS), and start Serve's HTTP
+    proxy on host:port."""
     from melo_dist.distributed.train import connect
 
-    # The proxy must report ready within 5 s by default; on a busy small machine its start
-    # (importing the web stack) takes longer and the controller kills it in a loop. Effective
-    # when Ray is started here (a cluster's own setting is left alone).
-    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
-    # What RAY_SERVE_THROUGHPUT_OPTIMIZED sets, spelled out (the switch itself measured slower
-    # here, README Benchmarks) and without its direct ingress, which needs a load balancer in
-    # front of the replicas: gRPC from the proxy to the replicas, the router and user code on
-    # the main event loops, request logs buffered, not echoed. The proxy's and the replica's
-    # CPU per request bound batched throughput on a small machine. Likewise only where Ray
-    # starts here; a cluster sets them in its environment.
-    for name, value in SERVE_SETTINGS.items():
-        os.environ.setdefault(name, value)
+    serve_environment()
     connect()
     serve.start(http_options={"host": host, "port": port})
 
