@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from melo_dist.config import ModelConfig
-from melo_dist.models.layers import embed_items
-from melo_dist.models.packing import Packing
+from melo_dist.models.layers import embed_items, item_rows
+from melo_dist.models.packing import Packing, take_rows
 
 
 class ReferenceHead(nn.Linear):
@@ -54,9 +54,9 @@ class BiasHead(nn.Module):
         self.register_buffer("global_mean", torch.zeros(()))
 
     def forward(self, features: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
-        out = self.global_mean + self.user_bias + self.item_bias(item_seq).squeeze(-1)
+        out = self.global_mean + self.user_bias + item_rows(self.item_bias, item_seq).squeeze(-1)
         if hasattr(self, "user_factors"):
-            out = out + self.item_factors(item_seq) @ self.user_factors
+            out = out + item_rows(self.item_factors, item_seq) @ self.user_factors
         if self.linear is not None:
             out = out + self.linear(features).squeeze(-1)
         return out
@@ -76,7 +76,7 @@ def user_regressors(params: dict[str, torch.Tensor], item_seq: torch.Tensor) -> 
     ones = params["head.item_bias.weight"].new_ones(*item_seq.shape, 1)
     if "head.item_factors.weight" not in params:
         return ones
-    return torch.cat([ones, params["head.item_factors.weight"][item_seq]], -1)
+    return torch.cat([ones, take_rows(params["head.item_factors.weight"], item_seq)], -1)
 
 
 HEADS = {"reference": ReferenceHead, "bias": BiasHead}
