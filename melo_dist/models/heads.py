@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from melo_dist.config import ModelConfig
-from melo_dist.models.layers import embed_items, item_rows
+from melo_dist.models.layers import embed_items
 from melo_dist.models.packing import Packing, take_rows
 
 
@@ -54,9 +54,10 @@ class BiasHead(nn.Module):
         self.register_buffer("global_mean", torch.zeros(()))
 
     def forward(self, features: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
-        out = self.global_mean + self.user_bias + item_rows(self.item_bias, item_seq).squeeze(-1)
+        item_bias = take_rows(self.item_bias.weight, item_seq).squeeze(-1)
+        out = self.global_mean + self.user_bias + item_bias
         if hasattr(self, "user_factors"):
-            out = out + item_rows(self.item_factors, item_seq) @ self.user_factors
+            out = out + take_rows(self.item_factors.weight, item_seq) @ self.user_factors
         if self.linear is not None:
             out = out + self.linear(features).squeeze(-1)
         return out

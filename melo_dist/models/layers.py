@@ -22,16 +22,9 @@ def embed_items(embedding: nn.Embedding, item_seq: torch.Tensor) -> torch.Tensor
     `padding_idx` alone is not enough: under `vmap` with per-task tables the embedding
     backward does not mask the padding row, so it would drift during adaptation (and a GRU
     reads the left padding). Multiplying by the mask keeps it exactly zero in every mode. The
-    rows are gathered (`item_rows`), not looked up with `F.embedding`.
+    rows are gathered (`take_rows`), not looked up with `F.embedding`.
     """
-    return item_rows(embedding, item_seq) * (item_seq > 0).unsqueeze(-1)
-
-
-def item_rows(table: nn.Embedding, item_seq: torch.Tensor) -> torch.Tensor:
-    """[..., L] ids -> [..., L, D] rows of the table, as a `gather`: under `vmap` over per-task
-    tables, `F.embedding`'s backward is several times slower than the gather's scatter-add, the
-    more so the narrower the table (an item bias has one column)."""
-    return take_rows(table.weight, item_seq)
+    return take_rows(embedding.weight, item_seq) * (item_seq > 0).unsqueeze(-1)
 
 
 class GRU(nn.Module):

@@ -83,7 +83,9 @@ def with_zero_row(rows: torch.Tensor) -> torch.Tensor:
 
 def take_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """rows [N, ...] and index [...] -> [..., ...]: `rows[index]` as a `gather`, whose backward
-    (a scatter-add) uses both threads where advanced indexing's accumulating index_put did not."""
+    (a scatter-add) uses both threads where advanced indexing's accumulating index_put did not.
+    Item tables are read with it too: under `vmap` over per-task tables, `F.embedding`'s
+    backward is several times slower, the more so the narrower the table (an item bias)."""
     flat = rows.reshape(len(rows), -1)
     taken = flat.gather(0, index.reshape(-1, 1).expand(-1, flat.shape[1]))
     return taken.view(*index.shape, *rows.shape[1:])
