@@ -5,8 +5,8 @@
 Serves CHECKPOINT (default: `bench serve`'s small SASRec model, trained here) one at a time
 (max batch 1) and batched (max batch 16), sends the same closed-loop load as `bench serve`
 twice each, and prints per request: the machine's busy CPU time, and that of the processes
-that used the most (the replica, Serve's HTTP proxy, this client). Busy time includes torch's
-threads spinning while they wait for work.
+that used the most (the replica, HAProxy or Serve's HTTP proxy, this client). Busy time
+includes torch's threads spinning while they wait for work.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from ray import serve
 
-from melo_dist.bench.serve import free_port, load, request_bodies, train_small_model
+from melo_dist.bench.serve import load, request_bodies, train_small_model
 from melo_dist.inference.model import ColdStartModel
-from melo_dist.inference.serve import build_app, start_serve
+from melo_dist.inference.serve import build_app, free_port, start_serve
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

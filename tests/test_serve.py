@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
-import socket
+import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,15 +19,19 @@ from starlette.requests import Request
 
 from melo_dist import ColdStartModel
 from melo_dist.errors import InputError
+from melo_dist.inference import serve as serving
 from melo_dist.inference.batching import InFlight
-from melo_dist.inference.serve import MAX_CANDIDATES, ColdStartService, build_app, start_serve
+from melo_dist.inference.serve import (
+    HAPROXY_PORTS,
+    HAPROXY_SETTINGS,
+    MAX_CANDIDATES,
+    SERVE_SETTINGS,
+    ColdStartService,
+    build_app,
+    free_port,
+    start_serve,
+)
 from melo_dist.training.checkpoint import load_checkpoint
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +125,34 @@ def test_served_predictions_are_the_api_s_and_concurrent_requests_batch(
 def test_bad_requests_get_a_4xx_with_the_reason(server, body, status, message):
     got, reply = call(f"{server}/predict", body)
     assert got == status and message in reply["error"] and "model" in reply
+
+
+def test_requests_reach_the_replica_through_haproxy_where_it_is_there(server):
+    if not serving.haproxy_available():
+        pytest.skip("no HAProxy binary: Serve's own HTTP proxy serves")
+    assert call(f"{server}/health")[0] == 200
+    stats = f"http://127.0.0.1:{os.environ['RAY_SERVE_HAPROXY_STATS_PORT']}/stats;csv"
+    with urllib.request.urlopen(stats, timeout=30) as response:
+        rows = list(csv.DictReader(io.StringIO(response.read().decode().lstrip("# "))))
+    frontend = next(r for r in rows if r["pxname"] == "http_frontend")
+    assert int(frontend["req_tot"]) >= 1  # the request above went through HAProxy
+
+
+@pytest.mark.parametrize("haproxy", [True, False])
+def test_serve_settings_keep_the_user_s_and_give_haproxy_free_ports(monkeypatch, haproxy):
+    settings = {*SERVE_SETTINGS, *HAPROXY_SETTINGS, *HAPROXY_PORTS}
+    environ = {name: value for name, value in os.environ.items() if name not in settings}
+    monkeypatch.setattr(os, "environ", {**environ, "RAY_SERVE_LOG_TO_STDERR": "1"})  # the user's
+    monkeypatch.setattr(serving, "haproxy_available", lambda: haproxy)
+    serving.serve_environment()
+    assert os.environ["RAY_SERVE_LOG_TO_STDERR"] == "1"  # stays
+    assert os.environ["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1"
+    assert (os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1") == haproxy
+    ports = [os.environ.get(name) for name in HAPROXY_PORTS]
+    if haproxy:  # not Serve's fixed 8404 and 9101, and free when chosen
+        assert len(set(ports)) == 2 and not {"8404", "9101"} & set(ports)
+    else:
+        assert ports == [None, None] and "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in os.environ
 
 
 def test_bad_settings_are_refused(trained):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import socket
 import tempfile
 import threading
 import time
@@ -55,12 +54,6 @@ def train_small_model(folder: Path) -> Path:
     ]
     train_local(load_config(None, overrides), log=lambda message: None)
     return folder / "run"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def load(url: str, bodies: list[bytes], clients: int) -> tuple[list[float], float, list[dict]]:
@@ -126,7 +119,7 @@ def run(options: list[str]) -> tuple[str, list, dict]:
     from ray import serve
 
     from melo_dist.inference.model import ColdStartModel
-    from melo_dist.inference.serve import build_app, start_serve
+    from melo_dist.inference.serve import build_app, free_port, start_serve
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint or str(train_small_model(Path(tmp)))

