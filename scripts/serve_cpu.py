@@ -21,7 +21,7 @@ from ray import serve
 
 from melo_dist.bench.serve import load, request_bodies, train_small_model
 from melo_dist.inference.model import ColdStartModel
-from melo_dist.inference.serve import build_app, free_port, start_serve
+from melo_dist.inference.serve import build_app, free_port, serving
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -57,8 +57,7 @@ def main() -> None:
         bodies = request_bodies(model, args.requests, 30, 100)
         port = free_port()
         url = f"http://127.0.0.1:{port}/predict"
-        start_serve("127.0.0.1", port)
-        try:
+        with serving("127.0.0.1", port):
             for max_batch in (1, 16):
                 app = build_app(checkpoint, max_batch_size=max_batch, cpus_per_replica=0, threads=2)
                 serve.run(app, name="serve-cpu", route_prefix="/")
@@ -79,8 +78,6 @@ def main() -> None:
                         "request; "
                         + "; ".join(f"{name}: {s / count * 1000:.2f}" for s, name in used[:4])
                     )
-        finally:
-            serve.shutdown()
 
 
 if __name__ == "__main__":

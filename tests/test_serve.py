@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import signal
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -19,7 +20,7 @@ from starlette.requests import Request
 
 from melo_dist import ColdStartModel
 from melo_dist.errors import InputError
-from melo_dist.inference import serve as serving
+from melo_dist.inference import serve as serving_module
 from melo_dist.inference.batching import InFlight
 from melo_dist.inference.serve import (
     HAPROXY_PORTS,
@@ -29,7 +30,7 @@ from melo_dist.inference.serve import (
     ColdStartService,
     build_app,
     free_port,
-    start_serve,
+    serving,
 )
 from melo_dist.training.checkpoint import load_checkpoint
 
@@ -39,14 +40,13 @@ def server(trained, ray_session):
     from ray import serve
 
     port = free_port()
-    start_serve("127.0.0.1", port)
-    serve.run(
-        build_app(str(trained), max_batch_size=8, batch_wait_ms=20, cpus_per_replica=0.5),
-        name="melo-dist",
-        route_prefix="/",
-    )
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    with serving("127.0.0.1", port):
+        serve.run(
+            build_app(str(trained), max_batch_size=8, batch_wait_ms=20, cpus_per_replica=0.5),
+            name="melo-dist",
+            route_prefix="/",
+        )
+        yield f"http://127.0.0.1:{port}"
 
 
 def call(url: str, body: bytes | None = None) -> tuple[int, dict]:
@@ -128,7 +128,7 @@ def test_bad_requests_get_a_4xx_with_the_reason(server, body, status, message):
 
 
 def test_requests_reach_the_replica_through_haproxy_where_it_is_there(server):
-    if not serving.haproxy_available():
+    if not serving_module.haproxy_available():
         pytest.skip("no HAProxy binary: Serve's own HTTP proxy serves")
     assert call(f"{server}/health")[0] == 200
     stats = f"http://127.0.0.1:{os.environ['RAY_SERVE_HAPROXY_STATS_PORT']}/stats;csv"
@@ -138,13 +138,22 @@ def test_requests_reach_the_replica_through_haproxy_where_it_is_there(server):
     assert int(frontend["req_tot"]) >= 1  # the request above went through HAProxy
 
 
+def test_sigterm_while_serving_ends_the_block_so_serve_shuts_down(server):
+    """`serving` shuts Serve (and its HAProxy) down in a `finally`: a SIGTERM has to raise."""
+    handler = signal.getsignal(signal.SIGTERM)
+    assert handler is serving_module.exit_on_signal
+    with pytest.raises(SystemExit) as stopped:
+        handler(signal.SIGTERM, None)
+    assert stopped.value.code == 128 + signal.SIGTERM
+
+
 @pytest.mark.parametrize("haproxy", [True, False])
 def test_serve_settings_keep_the_user_s_and_give_haproxy_free_ports(monkeypatch, haproxy):
     settings = {*SERVE_SETTINGS, *HAPROXY_SETTINGS, *HAPROXY_PORTS}
     environ = {name: value for name, value in os.environ.items() if name not in settings}
     monkeypatch.setattr(os, "environ", {**environ, "RAY_SERVE_LOG_TO_STDERR": "1"})  # the user's
-    monkeypatch.setattr(serving, "haproxy_available", lambda: haproxy)
-    serving.serve_environment()
+    monkeypatch.setattr(serving_module, "haproxy_available", lambda: haproxy)
+    serving_module.serve_environment()
     assert os.environ["RAY_SERVE_LOG_TO_STDERR"] == "1"  # stays
     assert os.environ["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1"
     assert (os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1") == haproxy

@@ -119,7 +119,7 @@ def run(options: list[str]) -> tuple[str, list, dict]:
     from ray import serve
 
     from melo_dist.inference.model import ColdStartModel
-    from melo_dist.inference.serve import build_app, free_port, start_serve
+    from melo_dist.inference.serve import build_app, free_port, serving
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint or str(train_small_model(Path(tmp)))
@@ -127,9 +127,8 @@ def run(options: list[str]) -> tuple[str, list, dict]:
         bodies = request_bodies(model, args.requests, args.history, args.candidates)
         port = free_port()
         url = f"http://127.0.0.1:{port}/predict"
-        start_serve("127.0.0.1", port)
         results = {}
-        try:
+        with serving("127.0.0.1", port):
             for batch, loads in (
                 (1, [("one at a time", args.clients)]),
                 (args.max_batch_size, [("batched", args.clients), ("single user", 1)]),
@@ -148,8 +147,6 @@ def run(options: list[str]) -> tuple[str, list, dict]:
                         time.sleep(PEAK_WINDOW_S)
                     load(url, bodies[: max(4, clients)], clients)  # warm up
                     results[mode] = load(url, bodies, clients)
-        finally:
-            serve.shutdown()
     table, figures = [], {}
     for mode, (latencies, wall, replies) in results.items():
         p50, p99 = np.percentile(latencies, [50, 99]) * 1000

@@ -24,8 +24,12 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from ray import serve
@@ -243,23 +247,37 @@ def build_app(
     )
 
 
-def start_serve(host: str, port: int) -> None:
-    """Join $RAY_ADDRESS or start a local Ray (with Serve's settings: `serve_environment`), and
-    start Serve's HTTP ingress on host:port (HAProxy where it is there, else Serve's proxy)."""
+@contextmanager
+def serving(host: str, port: int) -> Iterator[None]:
+    """Serve's HTTP ingress on host:port (HAProxy where it is there, else Serve's proxy) for the
+    block, joining $RAY_ADDRESS or starting a local Ray with Serve's settings
+    (`serve_environment`). Serve shuts down after the block, whatever ends it, SIGTERM too:
+    HAProxy is a process of its own, which a local Ray killed under it leaves running on the
+    port."""
     from melo_dist.distributed.train import connect
 
     serve_environment()
     connect()
     serve.start(http_options={"host": host, "port": port})
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, exit_on_signal) if main_thread else None
+    try:
+        yield
+    finally:
+        serve.shutdown()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def exit_on_signal(signum: int, frame: object) -> None:
+    """A signal ends the process as an exception would, so `finally` blocks run."""
+    raise SystemExit(128 + signum)
 
 
 def serve_forever(app, host: str, port: int, log) -> None:
-    """Run the application on host:port until Ctrl-C."""
-    start_serve(host, port)
-    serve.run(app, name="melo-dist", route_prefix="/")
-    log(f"serving on http://{host}:{port}/predict (GET /health); Ctrl-C stops")
-    try:
+    """Run the application on host:port until Ctrl-C or SIGTERM."""
+    with suppress(KeyboardInterrupt), serving(host, port):
+        serve.run(app, name="melo-dist", route_prefix="/")
+        log(f"serving on http://{host}:{port}/predict (GET /health); Ctrl-C stops")
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
