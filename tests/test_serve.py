@@ -147,21 +147,27 @@ def test_sigterm_while_serving_ends_the_block_so_serve_shuts_down(server):
     assert stopped.value.code == 128 + signal.SIGTERM
 
 
-@pytest.mark.parametrize("haproxy", [True, False])
-def test_serve_settings_keep_the_user_s_and_give_haproxy_free_ports(monkeypatch, haproxy):
+@pytest.mark.parametrize(("haproxy", "opted_out"), [(True, False), (False, False), (True, True)])
+def test_serve_settings_keep_the_user_s_and_give_haproxy_free_ports(
+    monkeypatch, haproxy, opted_out
+):
     settings = {*SERVE_SETTINGS, *HAPROXY_SETTINGS, *HAPROXY_PORTS}
     environ = {name: value for name, value in os.environ.items() if name not in settings}
-    monkeypatch.setattr(os, "environ", {**environ, "RAY_SERVE_LOG_TO_STDERR": "1"})  # the user's
+    environ["RAY_SERVE_LOG_TO_STDERR"] = "1"  # the user's
+    if opted_out:
+        environ["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
+    monkeypatch.setattr(os, "environ", environ)
     monkeypatch.setattr(serving_module, "haproxy_available", lambda: haproxy)
     serving_module.serve_environment()
     assert os.environ["RAY_SERVE_LOG_TO_STDERR"] == "1"  # stays
     assert os.environ["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1"
-    assert (os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1") == haproxy
+    behind_haproxy = haproxy and not opted_out
+    assert os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == ("1" if behind_haproxy else None)
     ports = [os.environ.get(name) for name in HAPROXY_PORTS]
-    if haproxy:  # not Serve's fixed 8404 and 9101, and free when chosen
+    if behind_haproxy:  # not Serve's fixed 8404 and 9101, and free when chosen
         assert len(set(ports)) == 2 and not {"8404", "9101"} & set(ports)
     else:
-        assert ports == [None, None] and "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in os.environ
+        assert ports == [None, None]
 
 
 def test_bad_settings_are_refused(trained):

@@ -97,11 +97,11 @@ def free_port() -> int:
 
 def serve_environment() -> None:
     """Serve's settings into this process's environment, where not set already (with
-    HAPROXY_SETTINGS and free ports where HAProxy is there): the Ray started from here passes
-    them on to Serve's processes (a running cluster keeps its own: export them before
-    `ray start`)."""
+    HAPROXY_SETTINGS and free ports where HAProxy is there, unless RAY_SERVE_ENABLE_HA_PROXY=0
+    keeps Serve's proxy): the Ray started from here passes them on to Serve's processes (a
+    running cluster keeps its own: export them before `ray start`)."""
     settings = dict(SERVE_SETTINGS)
-    if haproxy_available():
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "0" and haproxy_available():
         settings.update(HAPROXY_SETTINGS)
         settings.update({name: str(free_port()) for name in HAPROXY_PORTS})
     for name, value in settings.items():
