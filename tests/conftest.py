@@ -83,7 +83,7 @@ def ray_session():
 
     from melo_dist.inference.serve import serve_environment
 
-    serve_environment()  # Serve's settings, as `start_serve` gives them to the Ray it starts
+    serve_environment()  # Serve's settings, as `serving` gives them to the Ray it starts
     ray.init(
         address="local",  # its own instance, even where another Ray cluster runs on the machine
         num_cpus=2,

@@ -8,14 +8,19 @@ import io
 import json
 import os
 import signal
+import tempfile
+import time
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import original_ids
+from ray import serve
 from starlette.requests import Request
 
 from melo_dist import ColdStartModel
@@ -23,7 +28,8 @@ from melo_dist.errors import InputError
 from melo_dist.inference import serve as serving_module
 from melo_dist.inference.batching import InFlight
 from melo_dist.inference.serve import (
-    HAPROXY_PORTS,
+    HAPROXY_FILE_VARIABLES,
+    HAPROXY_PORT_VARIABLES,
     HAPROXY_SETTINGS,
     MAX_CANDIDATES,
     SERVE_SETTINGS,
@@ -37,8 +43,6 @@ from melo_dist.training.checkpoint import load_checkpoint
 
 @pytest.fixture(scope="module")
 def server(trained, ray_session):
-    from ray import serve
-
     port = free_port()
     with serving("127.0.0.1", port):
         serve.run(
@@ -127,47 +131,96 @@ def test_bad_requests_get_a_4xx_with_the_reason(server, body, status, message):
     assert got == status and message in reply["error"] and "model" in reply
 
 
-def test_requests_reach_the_replica_through_haproxy_where_it_is_there(server):
-    if not serving_module.haproxy_available():
-        pytest.skip("no HAProxy binary: Serve's own HTTP proxy serves")
-    assert call(f"{server}/health")[0] == 200
+def haproxy_sessions() -> int:
+    """Connections HAProxy has passed to the replicas of `server` (not to its fallback proxy)."""
     stats = f"http://127.0.0.1:{os.environ['RAY_SERVE_HAPROXY_STATS_PORT']}/stats;csv"
     with urllib.request.urlopen(stats, timeout=30) as response:
-        rows = list(csv.DictReader(io.StringIO(response.read().decode().lstrip("# "))))
-    frontend = next(r for r in rows if r["pxname"] == "http_frontend")
-    assert int(frontend["req_tot"]) >= 1  # the request above went through HAProxy
+        rows = csv.DictReader(io.StringIO(response.read().decode().lstrip("# ")))
+        return sum(
+            int(row["stot"])
+            for row in rows
+            if row["pxname"] == "http-melo-dist"
+            and row["svname"] not in ("FRONTEND", "BACKEND")
+            and row["bck"] == "0"
+        )
 
 
-def test_sigterm_while_serving_ends_the_block_so_serve_shuts_down(server):
-    """`serving` shuts Serve (and its HAProxy) down in a `finally`: a SIGTERM has to raise."""
+def test_requests_reach_the_replica_through_haproxy_where_it_is_there(server):
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        pytest.skip("no HAProxy binary, or opted out: Serve's own HTTP proxy serves")
+    before = haproxy_sessions()
+    assert call(f"{server}/health")[0] == 200
+    assert haproxy_sessions() > before
+
+
+def fake_serve(monkeypatch, applications: dict) -> list[str]:
+    """Serve's calls `serving` makes, recorded, with `applications` already deployed."""
+    calls = []
+    monkeypatch.setattr("melo_dist.distributed.train.connect", lambda: calls.append("connect"))
+    monkeypatch.setattr(serve, "start", lambda **options: calls.append("start"))
+    monkeypatch.setattr(serve, "status", lambda: types.SimpleNamespace(applications=applications))
+    monkeypatch.setattr(serve, "shutdown", lambda: calls.append("shutdown"))
+    monkeypatch.setattr(serve, "delete", lambda name: calls.append(f"delete {name}"))
+    return calls
+
+
+def test_serving_shuts_serve_down_on_sigterm(monkeypatch):
+    calls = fake_serve(monkeypatch, {})
     handler = signal.getsignal(signal.SIGTERM)
-    assert handler is serving_module.exit_on_signal
-    with pytest.raises(SystemExit) as stopped:
-        handler(signal.SIGTERM, None)
+    with pytest.raises(SystemExit) as stopped, serving("127.0.0.1", free_port()):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
     assert stopped.value.code == 128 + signal.SIGTERM
+    assert calls == ["connect", "start", "shutdown"]
+    assert signal.getsignal(signal.SIGTERM) is handler  # the previous handler is back
 
 
-@pytest.mark.parametrize(("haproxy", "opted_out"), [(True, False), (False, False), (True, True)])
-def test_serve_settings_keep_the_user_s_and_give_haproxy_free_ports(
-    monkeypatch, haproxy, opted_out
+def test_serving_on_a_shared_serve_deletes_only_its_own_applications(monkeypatch):
+    applications = {"theirs": None}
+    calls = fake_serve(monkeypatch, applications)
+    with serving("127.0.0.1", free_port()):
+        applications["melo-dist"] = None  # what the block deploys
+    assert calls == ["connect", "start", "delete melo-dist"]
+
+
+@pytest.mark.parametrize(
+    ("binary", "user_settings", "behind"),
+    [
+        (True, {}, True),
+        (False, {}, False),
+        (True, {"RAY_SERVE_ENABLE_HA_PROXY": "0"}, False),
+        (True, {"RAY_SERVE_ENABLE_HA_PROXY": "false"}, False),  # Serve reads only "1" as on
+        (True, {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}, False),
+    ],
+)
+def test_serve_settings_keep_the_user_s_and_give_haproxy_its_own_ports_and_folder(
+    monkeypatch, tmp_path, binary, user_settings, behind
 ):
-    settings = {*SERVE_SETTINGS, *HAPROXY_SETTINGS, *HAPROXY_PORTS}
+    settings = {*SERVE_SETTINGS, *HAPROXY_SETTINGS, *HAPROXY_PORT_VARIABLES}
+    settings |= set(HAPROXY_FILE_VARIABLES)
     environ = {name: value for name, value in os.environ.items() if name not in settings}
-    environ["RAY_SERVE_LOG_TO_STDERR"] = "1"  # the user's
-    if opted_out:
-        environ["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
+    environ |= {"RAY_SERVE_LOG_TO_STDERR": "1", **user_settings}  # the user's
     monkeypatch.setattr(os, "environ", environ)
-    monkeypatch.setattr(serving_module, "haproxy_available", lambda: haproxy)
+    monkeypatch.setattr(serving_module, "haproxy_available", lambda: binary)
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
     serving_module.serve_environment()
     assert os.environ["RAY_SERVE_LOG_TO_STDERR"] == "1"  # stays
     assert os.environ["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1"
-    behind_haproxy = haproxy and not opted_out
-    assert os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == ("1" if behind_haproxy else None)
-    ports = [os.environ.get(name) for name in HAPROXY_PORTS]
-    if behind_haproxy:  # not Serve's fixed 8404 and 9101, and free when chosen
-        assert len(set(ports)) == 2 and not {"8404", "9101"} & set(ports)
+    assert serving_module.behind_haproxy() == behind
+    for name, value in user_settings.items():
+        assert os.environ[name] == value
+    ports = [os.environ.get(name) for name in HAPROXY_PORT_VARIABLES]
+    files = [os.environ.get(name) for name in HAPROXY_FILE_VARIABLES]
+    if behind:  # none of Serve's fixed ports
+        assert len(set(ports)) == len(ports)
+        (folder,) = tmp_path.iterdir()  # this user's, not the machine's /tmp/haproxy-serve
+        assert folder.stat().st_mode & 0o777 == 0o700
+        assert all(Path(path).is_relative_to(folder) for path in files)
     else:
-        assert ports == [None, None]
+        assert ports == [None] * len(ports) and files == [None] * len(files)
+        assert os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == user_settings.get(
+            "RAY_SERVE_ENABLE_DIRECT_INGRESS"
+        )
 
 
 def test_bad_settings_are_refused(trained):

@@ -26,10 +26,11 @@ import os
 import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 from ray import serve
@@ -43,13 +44,13 @@ from melo_dist.inference.model import ColdStartModel
 MAX_BODY_BYTES = 1_000_000
 MAX_HISTORY = 1_000  # ratings; only the last data.window - 1 are used
 MAX_CANDIDATES = 10_000
-# What Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED switch sets: gRPC from the proxy to the replicas,
-# the router and user code on the main event loops (the inner loop runs in the loop's executor;
-# the model loads and requests are parsed on the loop), request logs buffered (written every
-# 1,000 lines or at an error) and not echoed. Set one by one, because the switch alone leaves
-# the proxy off gRPC (Serve derives RAY_SERVE_PROXY_USE_GRPC before the switch takes effect).
-# The CPU per request of what does not batch bounds batched throughput on a small machine
-# (README, Benchmarks).
+# Part of what Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED switch sets: gRPC between Serve's
+# processes, the router and user code on the main event loops (the inner loop runs in the
+# loop's executor; the model loads and requests are parsed on the loop), request logs buffered
+# (written every 1,000 lines or at an error) and not echoed. Set one by one, because the switch
+# alone leaves the proxy off gRPC (Serve derives RAY_SERVE_PROXY_USE_GRPC before the switch
+# takes effect). The CPU per request of what does not batch bounds batched throughput on a
+# small machine (README, Benchmarks).
 SERVE_SETTINGS = {
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
@@ -60,20 +61,35 @@ SERVE_SETTINGS = {
     # (importing the web stack) takes longer and the controller kills it in a loop.
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
 }
-# The rest of the switch, where an HAProxy binary is there (ray[serve] bundles one on Linux):
-# each replica serves HTTP itself (direct ingress) behind HAProxy, which Serve runs and keeps
-# pointed at the replicas, in place of Serve's Python HTTP proxy and the hop from it. A replica
-# being replaced stays up 2 s (Serve's default, 30 s, is for load balancers outside Ray; Serve
-# tells its HAProxy within 0.1 s).
+# Where an HAProxy binary is there (ray[serve] bundles one on Linux), each replica serves HTTP
+# itself (direct ingress) behind HAProxy, which Serve runs and keeps pointed at the replicas:
+# Serve's Python proxy leaves the request path (it stays up on the head node as HAProxy's
+# fallback). A replica being replaced stays up 2 s (Serve's default, 30 s, is for load
+# balancers outside Ray; Serve tells its HAProxy within 0.1 s).
 HAPROXY_SETTINGS = {
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
 }
-# HAProxy's statistics page and metrics exporter listen on ports of their own (8404 and 9101 by
-# default, on every interface): a free port each, so that two Serve instances on one machine do
-# not collide.
-HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+# Fixed ports by default (HAProxy's statistics page 8404 and metrics exporter 9101, on every
+# interface; the fallback proxy 8500 and 9500): a free one each, so that two Serve instances
+# on one machine do not collide.
+HAPROXY_PORT_VARIABLES = (
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+)
+# HAProxy's configuration, admin socket (mode 666) and state go under /tmp/haproxy-serve by
+# default, shared by every user of the machine: a folder of this user's own instead (Serve adds
+# a folder per node inside it).
+HAPROXY_FILE_VARIABLES = {
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+}
 
 
 def haproxy_available() -> bool:
@@ -88,22 +104,38 @@ def haproxy_available() -> bool:
         return shutil.which("haproxy") is not None
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports free on every interface now (all held open until chosen)."""
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
 def free_port() -> int:
-    """A TCP port free on the loopback address now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def behind_haproxy() -> bool:
+    """HAProxy in front, unless the user set either switch to anything but 1 (Serve reads only
+    "1" as on; direct ingress without HAProxy would leave the replicas with no proxy)."""
+    switches = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_ENABLE_DIRECT_INGRESS")
+    return all(os.environ.get(name, "1") == "1" for name in switches) and haproxy_available()
 
 
 def serve_environment() -> None:
     """Serve's settings into this process's environment, where not set already (with
-    HAPROXY_SETTINGS and free ports where HAProxy is there, unless RAY_SERVE_ENABLE_HA_PROXY=0
-    keeps Serve's proxy): the Ray started from here passes them on to Serve's processes (a
-    running cluster keeps its own: export them before `ray start`)."""
+    HAPROXY_SETTINGS, free ports and a folder of this user's where `behind_haproxy`): the Ray
+    started from here passes them on to Serve's processes (a running cluster keeps its own:
+    export them before `ray start`)."""
     settings = dict(SERVE_SETTINGS)
-    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "0" and haproxy_available():
+    if behind_haproxy():
+        folder = Path(tempfile.gettempdir()) / f"melo-dist-haproxy-{os.getuid()}"
+        folder.mkdir(mode=0o700, exist_ok=True)
         settings.update(HAPROXY_SETTINGS)
-        settings.update({name: str(free_port()) for name in HAPROXY_PORTS})
+        settings.update(zip(HAPROXY_PORT_VARIABLES, map(str, free_ports(4))))
+        settings.update({name: str(folder / f) for name, f in HAPROXY_FILE_VARIABLES.items()})
     for name, value in settings.items():
         os.environ.setdefault(name, value)
 
@@ -249,28 +281,50 @@ def build_app(
 
 @contextmanager
 def serving(host: str, port: int) -> Iterator[None]:
-    """Serve's HTTP ingress on host:port (HAProxy where it is there, else Serve's proxy) for the
-    block, joining $RAY_ADDRESS or starting a local Ray with Serve's settings
-    (`serve_environment`). Serve shuts down after the block, whatever ends it, SIGTERM too:
-    HAProxy is a process of its own, which a local Ray killed under it leaves running on the
-    port."""
+    """Serve's HTTP ingress on host:port (HAProxy where `behind_haproxy`, else Serve's proxy) for
+    the block, joining $RAY_ADDRESS or starting a local Ray with Serve's settings
+    (`serve_environment`). After the block, whatever ends it, SIGTERM too, Serve shuts down:
+    HAProxy is a process of its own, which a local Ray killed under it leaves on the port. Where
+    Serve already ran applications (a shared cluster), only the block's new ones are deleted."""
     from melo_dist.distributed.train import connect
 
     serve_environment()
     connect()
-    serve.start(http_options={"host": host, "port": port})
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, exit_on_signal) if main_thread else None
+    with sigterm_raises():
+        serve.start(http_options={"host": host, "port": port})
+        others = set(serve.status().applications)
+        try:
+            yield
+        finally:
+            if on_main_thread():  # a second SIGTERM does not cut the shutdown short
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            if others:
+                for name in set(serve.status().applications) - others:
+                    serve.delete(name)
+            else:
+                serve.shutdown()
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM as SystemExit for the block (on the main thread; signals go nowhere else), so
+    `finally` blocks run: once connected to Ray, its handler for fatal signals would abort the
+    process instead. The previous handler comes back after."""
+    if not on_main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, exit_on_signal)
     try:
         yield
     finally:
-        serve.shutdown()
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def exit_on_signal(signum: int, frame: object) -> None:
-    """A signal ends the process as an exception would, so `finally` blocks run."""
     raise SystemExit(128 + signum)
 
 
