@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -35,8 +36,9 @@ def training_device(use_gpu: bool) -> torch.device:
     return torch.device("cuda")
 
 
-def exit_on_sigterm() -> None:
+def exit_on_sigterm() -> signal.Handlers | Callable | None:
     """SIGTERM raises SystemExit(143) in the main thread, so every clean-up (`finally`, the
     staging folders of `prepare`, temporary files) runs; Python's default ends the process at
-    once and leaves them behind. Training replaces it while it runs (a checkpoint first)."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    once and leaves them behind. Training replaces it while it runs (a checkpoint first).
+    Returns the handler it replaces."""
+    return signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

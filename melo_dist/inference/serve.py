@@ -40,6 +40,7 @@ from starlette.responses import JSONResponse
 from melo_dist.errors import InputError
 from melo_dist.inference.batching import BATCH_WAIT_MS, MAX_BATCH_SIZE, PEAK_WINDOW_S, InFlight
 from melo_dist.inference.model import ColdStartModel
+from melo_dist.runtime import exit_on_sigterm
 
 MAX_BODY_BYTES = 1_000_000
 MAX_HISTORY = 1_000  # ratings; only the last data.window - 1 are used
@@ -307,13 +308,13 @@ def serving(host: str, port: int) -> Iterator[None]:
 
 @contextmanager
 def sigterm_raises() -> Iterator[None]:
-    """SIGTERM as SystemExit for the block (on the main thread; signals go nowhere else), so
-    `finally` blocks run: once connected to Ray, its handler for fatal signals would abort the
-    process instead. The previous handler comes back after."""
+    """`exit_on_sigterm` for the block (on the main thread; signals go nowhere else): Ray, once
+    connected, replaces the CLI's handler with its own for fatal signals, which aborts the
+    process and skips every `finally`. The previous handler comes back after."""
     if not on_main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, exit_on_signal)
+    previous = exit_on_sigterm()
     try:
         yield
     finally:
@@ -322,10 +323,6 @@ def sigterm_raises() -> Iterator[None]:
 
 def on_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
-
-
-def exit_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
 
 
 def serve_forever(app, host: str, port: int, log) -> None:
