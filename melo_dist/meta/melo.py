@@ -288,12 +288,18 @@ class MetaLearner(nn.Module):
             outputs.append(pad_left(out, skipped, time_dim))
         return torch.cat(outputs, dim=1)
 
-    def predictor(self, fast: Params, items: torch.Tensor) -> Callable[[Params], torch.Tensor]:
-        """The predictions of windows `items` as a function of the per-task parameters."""
+    def predictor(
+        self, fast: Params, items: torch.Tensor, copies: int = 1
+    ) -> Callable[[Params], torch.Tensor]:
+        """The predictions of windows `items` [B, ...] as a function of the per-task parameters
+        ([copies * B, ...]: `copies` parameter sets stacked along the task dimension score the
+        same windows in one pass)."""
+        tiled = items.repeat(copies, *[1] * (items.dim() - 1))
         if not self.head_only:
-            return lambda params: self.forward_tasks(params, items)
-        features = self.forward_tasks(fast, items, head=False)
-        return lambda params: self.forward_tasks(params, items, features)
+            return lambda params: self.forward_tasks(params, tiled)
+        features = self.forward_tasks(fast, items, head=False)  # once, whatever the copies
+        features = features.repeat(copies, *[1] * (features.dim() - 1))
+        return lambda params: self.forward_tasks(params, tiled, features)
 
     def user_steps(
         self,
@@ -377,13 +383,14 @@ def meta_loss(
     target = batch.query_ratings / learner.scale
     scored = last_position(batch.query_mask) if learner.query_loss == "last" else batch.query_mask
     weights = learner.target_weights(batch.query_ratings) if balanced else None
-    predict = learner.predictor(trajectory[0], batch.query_items)
-    loss = batch.query_ratings.new_zeros(())
-    for fast, weight in zip(trajectory, importance):
-        if weight > 0:
-            pred = predict(fast)
-            loss = loss + weight * masked_mse(pred, target, scored, weights).mean()
-    return loss
+    # The scored steps' queries run in one pass, their fast weights stacked along the task
+    # dimension: a recurrent backbone walks its time steps once, not once per step.
+    scored_steps = [(fast, weight) for fast, weight in zip(trajectory, importance) if weight > 0]
+    stacked = {name: torch.cat([fast[name] for fast, _ in scored_steps]) for name in trajectory[0]}
+    predict = learner.predictor(trajectory[0], batch.query_items, copies=len(scored_steps))
+    pred = predict(stacked).unflatten(0, (len(scored_steps), -1))  # [steps, B, Q, L]
+    per_step = masked_mse(pred, target, scored, weights).mean(-1)
+    return per_step @ per_step.new_tensor([weight for _, weight in scored_steps])
 
 
 # -- 4. the meta-step ---------------------------------------------------------------------
