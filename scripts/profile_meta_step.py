@@ -1,7 +1,8 @@
 """Where a meta-step's time goes: torch profiler over one training meta-step of the ML-1M
 recipe in the reference setting (reference head, every parameter adapted), after two warm-up
-steps. Prints seconds per step (mean of 6, unprofiled), floating-point work, operator calls
-and the operators with the most self time.
+steps. Prints seconds per step (mean of 6, unprofiled), floating-point work, operator calls,
+the matrix products' share of the self time (the step's floor if every other operator cost
+nothing) and the operators with the most self time.
 
     .venv/bin/python scripts/profile_meta_step.py data/ml1m sasrec --threads 1
     .venv/bin/python scripts/profile_meta_step.py data/ml1m gru4rec --set meta.adapt=head
@@ -25,6 +26,8 @@ from melo_dist.data.dataset import load_dataset
 from melo_dist.data.sampler import EpochSampler
 from melo_dist.meta import meta_step
 from melo_dist.training.run import TrainingRun
+
+MATRIX_PRODUCTS = {"aten::bmm", "aten::mm", "aten::addmm", "aten::baddbmm"}
 
 
 def main() -> None:
@@ -62,6 +65,11 @@ def main() -> None:
         f"{args.backbone}, {args.threads} thread(s): {seconds:.3f} s a meta-step; "
         f"{sum(e.flops for e in events) / 1e9:.2f} GFLOP; "
         f"{sum(e.count for e in events):,} operator calls"
+    )
+    products = sum(e.self_cpu_time_total for e in events if e.key in MATRIX_PRODUCTS) / total
+    print(
+        f"  matrix products {products:.1%} of the self time: with every other operator free, "
+        f"{products * seconds:.3f} s a meta-step"
     )
     for event in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]:
         share = event.self_cpu_time_total / total
