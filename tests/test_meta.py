@@ -126,10 +126,17 @@ def test_batched_meta_step_matches_per_task_loop(
 def test_batched_meta_step_matches_per_task_loop_in_window_groups(backbone, first_order):
     # 16 support windows of histories of 3-6 interactions in windows of 8: the windows run in
     # groups that drop padding columns, which the recurrent backbones replace by the state
-    # reading them would have left
+    # reading them would have left. The same 16 windows serve as queries, so the multi-step
+    # phase's one pass over both steps' queries runs in groups too.
     config = small_config(backbone, "melo", "reference", inner_steps=2, first_order=first_order)
     learner = learner_for(config)
     batch = small_batch(tasks=4, lengths=(3, 6), support=16)
+    batch = replace(
+        batch,
+        query_items=batch.support_items,
+        query_ratings=batch.support_ratings,
+        query_mask=batch.support_mask,
+    )
     groups = window_groups(batch.support_items, learner.backbone.window_groups)
     assert len(groups) == min(learner.backbone.window_groups, 2)
     assert all(skipped >= 3 for _, skipped in groups)

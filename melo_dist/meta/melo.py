@@ -291,15 +291,17 @@ class MetaLearner(nn.Module):
     def predictor(
         self, fast: Params, items: torch.Tensor, copies: int = 1
     ) -> Callable[[Params], torch.Tensor]:
-        """The predictions of windows `items` [B, ...] as a function of the per-task parameters
-        ([copies * B, ...]: `copies` parameter sets stacked along the task dimension score the
-        same windows in one pass)."""
-        tiled = items.repeat(copies, *[1] * (items.dim() - 1))
-        if not self.head_only:
-            return lambda params: self.forward_tasks(params, tiled)
-        features = self.forward_tasks(fast, items, head=False)  # once, whatever the copies
-        features = features.repeat(copies, *[1] * (features.dim() - 1))
-        return lambda params: self.forward_tasks(params, tiled, features)
+        """The predictions [copies * B, W, L] of the windows `items` [B, W, L] as a function of
+        `copies` per-task parameter sets stacked along the task dimension [copies * B, ...]
+        (one pass scores the same windows under each set). `fast` [B, ...] is read only when
+        the head alone adapts: the backbone's features, computed once."""
+
+        def tile(x: torch.Tensor) -> torch.Tensor:
+            return x.repeat(copies, *[1] * (x.dim() - 1)) if copies > 1 else x
+
+        features = tile(self.forward_tasks(fast, items, head=False)) if self.head_only else None
+        items = tile(items)
+        return lambda params: self.forward_tasks(params, items, features)
 
     def user_steps(
         self,
@@ -385,12 +387,14 @@ def meta_loss(
     weights = learner.target_weights(batch.query_ratings) if balanced else None
     # The scored steps' queries run in one pass, their fast weights stacked along the task
     # dimension: a recurrent backbone walks its time steps once, not once per step.
-    scored_steps = [(fast, weight) for fast, weight in zip(trajectory, importance) if weight > 0]
-    stacked = {name: torch.cat([fast[name] for fast, _ in scored_steps]) for name in trajectory[0]}
-    predict = learner.predictor(trajectory[0], batch.query_items, copies=len(scored_steps))
-    pred = predict(stacked).unflatten(0, (len(scored_steps), -1))  # [steps, B, Q, L]
+    weighted_steps = [(fast, w) for fast, w in zip(trajectory, importance) if w > 0]
+    stacked = {
+        name: torch.cat([fast[name] for fast, _ in weighted_steps]) for name in trajectory[0]
+    }
+    predict = learner.predictor(trajectory[0], batch.query_items, copies=len(weighted_steps))
+    pred = predict(stacked).unflatten(0, (len(weighted_steps), -1))  # [steps, B, Q, L]
     per_step = masked_mse(pred, target, scored, weights).mean(-1)
-    return per_step @ per_step.new_tensor([weight for _, weight in scored_steps])
+    return per_step @ per_step.new_tensor([weight for _, weight in weighted_steps])
 
 
 # -- 4. the meta-step ---------------------------------------------------------------------
